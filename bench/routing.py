@@ -1,0 +1,193 @@
+"""Routing benchmark: forward+backward of a stack of MoT blocks, dense vs mask vs sorted routing.
+
+    python bench/routing.py [--dim 2048 --layers 4 --seq-len 4096 --steps 20] [--json OUT.json]
+
+Runs on one CUDA GPU in bf16. First checks each routing against the mask-routed
+oracle on the same weights (outputs and weight gradients, relative error), and
+that a tower with no tokens gets an exactly-zero gradient through the grouped
+kernel; then times every variant eager and under torch.compile in one run and
+prints ms, TFLOP/s (from mot/flops.py, causal attention) and the ratio to dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mot.config import ModalityConfig, ModelConfig  # noqa: E402
+from mot.data.synthetic import bench_layout  # noqa: E402
+from mot.flops import attention_flops_per_token  # noqa: E402
+from mot.model import MoTTransformer, routing  # noqa: E402
+from mot.model.reference import mask_routed_blocks  # noqa: E402
+
+
+def mask_blocks(model, x, modality):
+    return mask_routed_blocks(model, x, modality, fast=True)
+
+
+
+def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """fwd+bwd FLOPs per token of the blocks alone (no embedding or head)."""
+    matmul = cfg.n_layers * (4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_hidden)
+    return 3 * (2 * matmul + attention_flops_per_token(cfg, seq_len, "causal"))
+
+
+def sorted_blocks(model: MoTTransformer, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    batch, seq_len, dim = x.shape
+    route = model.route(modality)
+    rows = model.run_blocks(route.sort(x.reshape(-1, dim)), route, batch, seq_len)
+    return route.unsort(rows).view(batch, seq_len, dim)
+
+
+def time_ms(fn, steps: int, warmup: int = 3) -> list[float]:
+    """Per-step times from CUDA events (host clock on the CPU, for smoke runs)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return times
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def grads_of(model, run, x, modality, grad_out):
+    model.zero_grad(set_to_none=True)
+    out = run(model, x, modality)
+    out.backward(grad_out)
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check(model, x, modality, grad_out) -> list[str]:
+    """Each routing against the mask oracle (fp32 copy of the same weights), and zero-count towers."""
+    lines = []
+    oracle = copy.deepcopy(model).float()
+    ref_out, ref_grads = grads_of(oracle, mask_blocks, x.float(), modality, grad_out.float())
+    for mode in ("never", "auto"):
+        routing.GROUPED_MM = mode
+        out, grads = grads_of(model, sorted_blocks, x, modality, grad_out)
+        worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
+        lines.append(f"check sorted/{'split' if mode == 'never' else 'grouped'} vs mask oracle (fp32): "
+                     f"output rel err {rel_err(out, ref_out):.2e}, worst weight-grad rel err {worst:.2e}")
+    # A batch with no speech tokens: the speech tower's gradients must be exactly zero.
+    no_speech = torch.where(modality == 2, 0, modality)
+    routing.GROUPED_MM = "auto"
+    _, grads = grads_of(model, sorted_blocks, x, no_speech, grad_out)
+    leaked = [n for n, g in grads.items() if g.dim() >= 2 and g.shape[0] == 3 and g[2].abs().max() > 0]
+    lines.append(f"check zero-count tower (grouped): speech-tower grads nonzero in {leaked or 'none'}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--ffn", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", type=str, default="")
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    modalities = [ModalityConfig("text", 64), ModalityConfig("image", 64), ModalityConfig("speech", 64)]
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, ffn_dim=args.ffn,
+                      modalities=modalities, max_seq_len=args.seq_len)
+    dense_cfg = copy.deepcopy(cfg)
+    dense_cfg.untie = []
+    mot = MoTTransformer(cfg).to(device, torch.bfloat16)
+    dense = MoTTransformer(dense_cfg).to(device, torch.bfloat16)
+    modality = bench_layout(args.seq_len).to(device)
+    batch, seq_len = modality.shape
+    x = torch.randn(batch, seq_len, args.dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    counts = torch.bincount(modality.flatten()).tolist()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__} on {where}; d={args.dim} H={args.heads} "
+          f"ffn={args.ffn} L={args.layers} tokens={batch}x{seq_len} counts={counts}")
+
+    for line in check(mot, x, modality, grad_out):
+        print(line)
+
+    def step(model, run, mode):
+        def fn():
+            routing.GROUPED_MM = mode
+            out = run(model, x, modality)
+            out.backward(grad_out)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+        return fn
+
+    variants = [
+        ("dense (one tower)", dense, sorted_blocks, "auto"),
+        ("boolean mask per linear", mot, mask_blocks, "auto"),
+        ("sorted once, split + matmul", mot, sorted_blocks, "never"),
+        ("sorted once, torch._grouped_mm", mot, sorted_blocks, "auto"),
+    ]
+    flops = block_flops_per_token(cfg, seq_len) * batch * seq_len
+    results = {}
+    for compiled in (False, True) if not args.no_compile else (False,):
+        for name, model, run, mode in variants:
+            routing.GROUPED_MM = mode
+            fn_run = torch.compile(run) if compiled else run
+            try:
+                times = time_ms(step(model, fn_run, mode), args.steps)
+            except Exception as err:  # one variant failing must not hide the others
+                print(f"{name} ({'compiled' if compiled else 'eager'}) failed: {type(err).__name__}: {err}")
+                continue
+            results[(name, compiled)] = times
+            torch._dynamo.reset()
+
+    print()
+    print("| routing | eager ms | x dense | TFLOP/s | compiled ms | x dense | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    table = {}
+    for name, *_ in variants:
+        cells = [name]
+        for compiled in (False, True):
+            times = results.get((name, compiled))
+            base = results.get((variants[0][0], compiled))
+            if not times or not base:
+                cells += ["-", "-", "-"]
+                continue
+            med, base_med = statistics.median(times), statistics.median(base)
+            spread = (max(times) - min(times)) / med
+            cells += [f"{med:.2f} (±{100 * spread / 2:.0f}%)", f"{med / base_med:.3f}", f"{flops / med / 1e9:.0f}"]
+            table[f"{name} {'compiled' if compiled else 'eager'}"] = {"median_ms": med, "times_ms": times,
+                                                                   "x_dense": med / base_med}
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nmedian of {args.steps} steps after 3 warm-up; TFLOP/s = blocks' fwd+bwd FLOPs "
+          f"({flops / 1e12:.2f} TFLOP/step, causal attention) / median time; ± = half the min-max spread")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

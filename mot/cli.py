@@ -1,0 +1,145 @@
+"""The `mot` command: one sub-command per task.
+
+    mot flops RECIPE.toml [RECIPE ...] [--seq-len N] [--key=value ...]
+    mot train [RECIPE.toml] [--key=value ...]      (same as python train_mot.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mot.config import ConfigError, RunConfig, load_config
+from mot.flops import SizeReport, dense_baseline, size_report
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def flops_table(cfg: RunConfig, seq_len: int) -> Table:
+    """MoT against the dense baseline of the same width, one row per figure."""
+    mot = size_report(cfg.model, seq_len)
+    dense = size_report(dense_baseline(cfg.model), seq_len)
+    m = cfg.model
+    title = (
+        f"{cfg.name}: d={m.dim} L={m.n_layers} H={m.n_heads} ffn={m.ffn_hidden} "
+        f"untie={m.untie} seq_len={seq_len}"
+    )
+    table = Table(title=title)
+    for col in ("", "MoT", "dense", "MoT / dense"):
+        table.add_column(col, justify="right" if col else "left")
+
+    def row(label: str, a: float, b: float, unit: str = "") -> None:
+        table.add_row(label, _human(a, unit), _human(b, unit), f"{a / b:.3f}" if b else "-")
+
+    row("total params", mot.total_params, dense.total_params)
+    row("embedding + head params", mot.embedding_params, dense.embedding_params)
+    row("non-embedding params", mot.total_params - mot.embedding_params,
+        dense.total_params - dense.embedding_params)
+    for mod in m.modalities:
+        row(f"active params / {mod.name} token", mot.active_params[mod.name], dense.active_params[mod.name])
+    row("active params / token (mixed)", mot.active_params_mixed, dense.active_params_mixed)
+    row("FLOPs / token forward", _first(mot.flops_forward), _first(dense.flops_forward), "FLOP")
+    row("  of which attention (causal)", mot.attention_flops_forward, dense.attention_flops_forward, "FLOP")
+    row("FLOPs / token fwd+bwd (mixed)", mot.flops_forward_backward_mixed,
+        dense.flops_forward_backward_mixed, "FLOP")
+    tokens = seq_len * cfg.train.batch_size
+    row(f"FLOPs / step fwd+bwd ({tokens} tokens)", mot.flops_forward_backward_mixed * tokens,
+        dense.flops_forward_backward_mixed * tokens, "FLOP")
+    return table
+
+
+def _first(per_modality: dict[str, float]) -> float:
+    return next(iter(per_modality.values()))
+
+
+def summary_table(rows: list[tuple[str, RunConfig, SizeReport, SizeReport]]) -> Table:
+    table = Table(title="MoT vs dense across recipes (FLOPs per token, causal attention)")
+    cols = ("recipe", "d", "L", "H", "seq", "dense params", "MoT params", "MoT/dense params",
+            "active/token", "fwd+bwd FLOPs/token", "MoT/dense FLOPs")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "recipe" else "right")
+    for name, cfg, mot, dense in sorted(rows, key=lambda r: r[3].total_params):
+        m = cfg.model
+        table.add_row(
+            name, str(m.dim), str(m.n_layers), str(m.n_heads), str(mot.seq_len),
+            _human(dense.total_params), _human(mot.total_params),
+            f"{mot.total_params / dense.total_params:.2f}", _human(mot.active_params_mixed),
+            _human(mot.flops_forward_backward_mixed),
+            f"{mot.flops_forward_backward_mixed / dense.flops_forward_backward_mixed:.3f}",
+        )
+    return table
+
+
+def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if bad:
+        parser.error(f"unrecognized arguments {bad}; recipe overrides look like --model.dim=512")
+    return extra
+
+
+def wide_console() -> Console:
+    """Tables are wide: use the terminal's width, or 160 columns when output is not a terminal."""
+    return Console(width=shutil.get_terminal_size((160, 24)).columns)
+
+
+def cmd_flops(args: argparse.Namespace, overrides: list[str]) -> int:
+    console = wide_console()
+    rows = []
+    for recipe in args.recipes:
+        cfg = load_config(recipe, overrides)
+        seq_len = args.seq_len or cfg.train.seq_len
+        console.print(flops_table(cfg, seq_len))
+        rows.append((Path(recipe).stem, cfg, size_report(cfg.model, seq_len),
+                     size_report(dense_baseline(cfg.model), seq_len)))
+    if len(rows) > 1:
+        console.print(summary_table(rows))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mot.train.placeholder import run_placeholder
+
+    recipe = args.recipe or DEMO_RECIPE
+    return run_placeholder(load_config(recipe, overrides), Path(recipe))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="params and FLOPs per token, MoT against the dense baseline")
+    p.add_argument("recipes", nargs="+", help="TOML recipe(s)")
+    p.add_argument("--seq-len", type=int, default=0, help="sequence length (default: train.seq_len)")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
+    p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(extra, parser)
+    try:
+        return args.func(args, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclasses, TOML recipes, command-line overrides.
+
+A recipe is a TOML file whose tables mirror the dataclasses below. Every key is
+checked before any work starts: an unknown key, a value of the wrong type or an
+inconsistent combination fails with an error naming the file and the key.
+
+    cfg = load_config("recipes/demo.toml", ["--model.dim=256", "--model.untie=[]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+UNTIE_CHOICES = ("attn", "ffn", "norm")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the source and the key."""
+
+
+@dataclass
+class ModalityConfig:
+    """One modality: a contiguous id range of the unified vocabulary and its own tower."""
+
+    name: str
+    vocab_size: int  # ids this modality owns (BPE size, VQGAN codebook size, speech units)
+    objective: Literal["ar", "diffusion"] = "ar"
+    loss_weight: float = 1.0
+    # Expected share of tokens in the data; used for mixed active-params / FLOPs figures only.
+    token_fraction: float = 0.0
+    tokenizer: str = ""  # tokenizer recipe or checkpoint; read by data and generation, not the model
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to ffn_multiple_of (Llama's rule)
+    ffn_multiple_of: int = 256
+    modalities: list[ModalityConfig] = field(
+        default_factory=lambda: [ModalityConfig("text", 256), ModalityConfig("image", 256)]
+    )
+    n_special_tokens: int = 8  # begin/end of document, image, speech, pad, reserved
+    special_modality: str = ""  # tower that special tokens go through; "" = the first modality
+    vocab_multiple_of: int = 64  # pad the unified vocabulary for matmul-friendly head shapes
+    # Which non-embedding parameters exist once per modality. [] is the dense baseline.
+    untie: list[str] = field(default_factory=lambda: list(UNTIE_CHOICES))
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (per modality when norms are untied)
+    # "pre": x + f(norm(x)). "chameleon": x + norm(f(x)), the norm inside the residual on the output.
+    norm_placement: Literal["pre", "chameleon"] = "pre"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        hidden = int(8 * self.dim / 3)
+        return self.ffn_multiple_of * -(-hidden // self.ffn_multiple_of)
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.modalities)
+
+    def towers(self, component: str) -> int:
+        """How many copies of a component ("attn", "ffn", "norm") the model holds."""
+        return self.n_modalities if component in self.untie else 1
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.untie or self.n_modalities == 1
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per optimizer step
+    steps: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_semantics(cfg: RunConfig, where: str) -> None:
+    m = cfg.model
+
+    def fail(key: str, why: str) -> typing.NoReturn:
+        raise ConfigError(f"{where}: '{key}' {why}")
+
+    for key in ("dim", "n_layers", "n_heads", "ffn_multiple_of", "vocab_multiple_of", "max_seq_len"):
+        if getattr(m, key) <= 0:
+            fail(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.dim % m.n_heads:
+        fail("model.n_heads", f"must divide model.dim={m.dim}, got {m.n_heads}")
+    if m.head_dim % 2:
+        fail("model.n_heads", f"gives an odd head_dim {m.head_dim}; rotary embeddings need it even")
+    if m.ffn_dim < 0:
+        fail("model.ffn_dim", f"must be >= 0, got {m.ffn_dim}")
+    if not m.modalities:
+        fail("model.modalities", "needs at least one modality")
+    names = [mod.name for mod in m.modalities]
+    if len(set(names)) != len(names):
+        fail("model.modalities", f"has duplicate names {names}")
+    for i, mod in enumerate(m.modalities):
+        if mod.vocab_size <= 0:
+            fail(f"model.modalities.{i}.vocab_size", f"must be positive, got {mod.vocab_size}")
+        if mod.loss_weight < 0:
+            fail(f"model.modalities.{i}.loss_weight", f"must be >= 0, got {mod.loss_weight}")
+    if m.special_modality and m.special_modality not in names:
+        fail("model.special_modality", f"names no modality: {m.special_modality!r} not in {names}")
+    if m.n_special_tokens < 0:
+        fail("model.n_special_tokens", f"must be >= 0, got {m.n_special_tokens}")
+    bad = [u for u in m.untie if u not in UNTIE_CHOICES]
+    if bad:
+        fail("model.untie", f"has unknown parts {bad}; choose from {list(UNTIE_CHOICES)}")
+    if len(set(m.untie)) != len(m.untie):
+        fail("model.untie", f"repeats a part: {m.untie}")
+    t = cfg.train
+    for key in ("seq_len", "batch_size", "steps"):
+        if getattr(t, key) <= 0:
+            fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.seq_len > m.max_seq_len:
+        fail("train.seq_len", f"({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a table, got {type(value).__name__}")
+        return _build(tp, value, key, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}", where) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    # bool is a subclass of int: reject True where an int is wanted, and 1 where a bool is.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {sorted(fields)}"
+            raise ConfigError(f"{where}: unknown key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full, where)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        full = [f"{prefix}.{m}" if prefix else m for m in missing]
+        raise ConfigError(f"{where}: missing required key(s) {full}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> RunConfig:
+    cfg = _build(RunConfig, data, "", where)
+    _check_semantics(cfg, where)
+    return cfg
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (`512`, `1e-4`, `true`, `["ffn"]`, `"x"`), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply `--model.dim=512` (or `model.dim=512`) to the raw recipe dict in place."""
+    text = override.removeprefix("--")
+    if "=" not in text:
+        raise ConfigError(f"override {override!r}: expected --key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {override!r}: no list entry {'.'.join(parts[: i + 1])}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {override!r}: no list entry {dotted}")
+        node[int(last)] = _parse_value(raw)
+    else:
+        node[last] = _parse_value(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML recipe, apply `--key=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for override in overrides:
+        apply_override(data, override)
+    where = str(path) + (f" (with overrides {list(overrides)})" if overrides else "")
+    return config_from_dict(data, where)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Interleaved documents, prepared shards and the packed loader (synthetic batches for now)."""

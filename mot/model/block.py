@@ -1,0 +1,92 @@
+"""The MoT block: global attention and a SwiGLU FFN, each parameter once per tower.
+
+Reads like a plain pre-norm transformer block; the only addition is the `route`
+that every projection and norm takes (see routing.py). Activations are (N, D)
+rows in the route's sorted order; attention alone runs in natural (B, T) order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mot.config import ModelConfig
+from mot.model.rope import apply_rotary
+from mot.model.routing import Route, TowerLinear, TowerRMSNorm
+
+
+@dataclass
+class AttentionInputs:
+    """What attention needs besides the rows: the sequence shape, rotary tables and the mask."""
+
+    batch: int
+    seq_len: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None  # boolean (B, 1, T, T), True = may attend; None = causal
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        towers = cfg.towers("attn")
+        self.qkv = TowerLinear(towers, cfg.dim, 3 * cfg.dim)
+        self.out = TowerLinear(towers, cfg.dim, cfg.dim)
+        # QK norms are norms: untied with "norm", like the reference's per-modality q/k norms.
+        self.q_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, route: Route, inputs: AttentionInputs) -> torch.Tensor:
+        heads = lambda t: rearrange(t, "n (h d) -> n h d", h=self.n_heads)
+        q, k, v = map(heads, self.qkv(x, route).chunk(3, dim=-1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, route), self.k_norm(k, route)
+        # Global attention over the whole sequence: back to natural order for this part only.
+        seq = lambda t: rearrange(route.unsort(t), "(b t) h d -> b t h d", b=inputs.batch)
+        q, k, v = seq(q), seq(k), seq(v)
+        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if inputs.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask)
+        out = route.sort(rearrange(out, "b h t d -> (b t) (h d)"))
+        return self.out(out, route)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x w1) * x w3), with w1 and w3 fused into one projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        towers = cfg.towers("ffn")
+        self.w13 = TowerLinear(towers, cfg.dim, 2 * cfg.ffn_hidden)
+        self.w2 = TowerLinear(towers, cfg.ffn_hidden, cfg.dim)
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        gate, up = self.w13(x, route).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up, route)
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        towers = cfg.towers("norm")
+        self.attn_norm = TowerRMSNorm(towers, cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = TowerRMSNorm(towers, cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.pre_norm = cfg.norm_placement == "pre"
+
+    def forward(self, x: torch.Tensor, route: Route, inputs: AttentionInputs) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x, route), route, inputs)
+            return x + self.ffn(self.ffn_norm(x, route), route)
+        # Chameleon: each sub-layer's output is normalised inside the residual branch.
+        x = x + self.attn_norm(self.attn(x, route, inputs), route)
+        return x + self.ffn_norm(self.ffn(x, route), route)

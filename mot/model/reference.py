@@ -1,0 +1,129 @@
+"""The slow oracle: mask routing as the authors' reference does it, written from scratch.
+
+Computes the same function as `MoTTransformer` from the same parameters, but in
+natural token order with a boolean mask per modality at every projection and
+norm (`x[mask_i]`, then a merge), the way facebookresearch/Mixture-of-Transformers
+routes. Tests compare the sorted/grouped routing against it (`fast=False`:
+rotary embeddings in complex form and attention by an explicit float64 softmax,
+sharing no code with the model); bench/routing.py times it as the naive
+baseline (`fast=True`: the model's rotary and SDPA, so only routing differs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mot.model.rope import apply_rotary, rotary_tables
+from mot.model.transformer import MoTTransformer
+
+
+def _tower(weight: torch.Tensor, i: int) -> torch.Tensor:
+    return weight[i] if weight.shape[0] > 1 else weight[0]
+
+
+def _per_modality(x: torch.Tensor, masks: list[torch.Tensor], fn, out_dim: int) -> torch.Tensor:
+    """Apply fn(rows, i) to each modality's rows of x (N, ...) and merge into one tensor."""
+    out = x.new_zeros(x.shape[0], *x.shape[1:-1], out_dim)
+    for i, mask in enumerate(masks):
+        out[mask] = fn(x[mask], i)
+    return out
+
+
+def _linear(x, weight, masks):
+    return _per_modality(x, masks, lambda rows, i: rows @ _tower(weight, i).T, weight.shape[1])
+
+
+def _rms_norm(x, weight, eps, masks):
+    def norm(rows, i):
+        wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        scale = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+        return (wide * scale * _tower(weight, i).to(wide.dtype)).to(rows.dtype)
+
+    return _per_modality(x, masks, norm, weight.shape[-1])
+
+
+def _rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """(B, T, H, D), dims i and i + D/2 form one complex pair rotated by position * theta^(-2i/D)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / x.shape[-1])
+    angle = positions.to(torch.float64)[..., None] * freqs  # (B, T, D/2)
+    rot = torch.polar(torch.ones_like(angle), angle)[:, :, None, :]
+    pairs = torch.complex(x[..., :half].double(), x[..., half:].double()) * rot
+    return torch.cat([pairs.real, pairs.imag], dim=-1).to(x.dtype)
+
+
+def _attention(q, k, v, fast: bool) -> torch.Tensor:
+    """(B, H, T, D) causal attention."""
+    if fast:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    seq = q.shape[-2]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return (scores.softmax(-1) @ v.double()).to(q.dtype)
+
+
+def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast):
+    n_rows, heads, head_dim = h.shape[0], cfg.n_heads, cfg.head_dim
+    q, k, v = _linear(h, attn.qkv.weight, masks).split(cfg.dim, dim=-1)
+    q, k, v = (t.reshape(n_rows, heads, head_dim) for t in (q, k, v))
+    if attn.q_norm is not None:
+        q = _rms_norm(q, attn.q_norm.weight, cfg.norm_eps, masks)
+        k = _rms_norm(k, attn.k_norm.weight, cfg.norm_eps, masks)
+    q, k, v = (t.reshape(batch, seq_len, heads, head_dim) for t in (q, k, v))
+    if fast:
+        cos, sin = rotary_tables(positions, head_dim, cfg.rope_theta, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    else:
+        q, k = _rotary(q, positions, cfg.rope_theta), _rotary(k, positions, cfg.rope_theta)
+    out = _attention(*(t.transpose(1, 2) for t in (q, k, v)), fast=fast)
+    return _linear(out.transpose(1, 2).reshape(n_rows, cfg.dim), attn.out.weight, masks)
+
+
+def _ffn_sublayer(ffn, h, masks):
+    gate, up = _linear(h, ffn.w13.weight, masks).chunk(2, dim=-1)
+    return _linear(F.silu(gate) * up, ffn.w2.weight, masks)
+
+
+def mask_routed_blocks(
+    model: MoTTransformer,
+    x: torch.Tensor,
+    modality: torch.Tensor,
+    fast: bool = False,
+) -> torch.Tensor:
+    """Run the blocks and the final norm on embedded rows x (B, T, D), natural order, mask routing."""
+    cfg = model.cfg
+    batch, seq_len, _ = x.shape
+    flat = modality.reshape(-1)
+    masks = [flat == i for i in range(cfg.n_modalities)]
+    positions = torch.arange(seq_len, device=x.device).expand(batch, seq_len)
+    x = x.reshape(batch * seq_len, cfg.dim)
+
+    for block in model.blocks:
+        attn_norm = lambda h, w=block.attn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
+        ffn_norm = lambda h, w=block.ffn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
+        attention = lambda h, a=block.attn: _attention_sublayer(a, h, masks, cfg, batch, seq_len, positions, fast)
+        ffn = lambda h, f=block.ffn: _ffn_sublayer(f, h, masks)
+        if cfg.norm_placement == "pre":
+            x = x + attention(attn_norm(x))
+            x = x + ffn(ffn_norm(x))
+        else:
+            x = x + attn_norm(attention(x))
+            x = x + ffn_norm(ffn(x))
+
+    x = _rms_norm(x, model.final_norm.weight, cfg.norm_eps, masks)
+    return x.reshape(batch, seq_len, cfg.dim)
+
+
+def mask_routed_forward(
+    model: MoTTransformer,
+    tokens: torch.Tensor,
+    modality: torch.Tensor | None = None,
+    fast: bool = False,
+) -> torch.Tensor:
+    """Logits (B, T, V) of `model` computed with boolean-mask routing."""
+    if modality is None:
+        modality = model.vocab.modality_of(tokens)
+    hidden = mask_routed_blocks(model, model.embed(tokens), modality, fast)
+    return hidden @ model.head.weight.T

@@ -1,0 +1,111 @@
+"""The whole model: shared embedding and head over the unified vocabulary, MoT blocks between.
+
+Dense is MoT with nothing untied: every component then has one tower, the route
+is the identity and the same code runs the same kernels as a plain transformer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mot.config import ModelConfig
+from mot.model.block import AttentionInputs, MoTBlock
+from mot.model.rope import rotary_tables
+from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
+from mot.vocab import UnifiedVocab
+
+
+class MoTTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab = UnifiedVocab(cfg)
+        self.embed = nn.Embedding(self.vocab.size, cfg.dim)
+        self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.n_layers))
+        # One final norm per modality when norms are untied; the head itself is shared.
+        self.final_norm = TowerRMSNorm(cfg.towers("norm"), cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, self.vocab.size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual-branch outputs scaled down with depth (GPT-2), so the stream's variance stays put.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for linear in (block.attn.qkv, block.ffn.w13):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (block.attn.out, block.ffn.w2):
+                nn.init.normal_(linear.weight, std=out_std)
+        for module in self.modules():
+            if isinstance(module, TowerRMSNorm):
+                nn.init.ones_(module.weight)
+
+    def route(self, modality: torch.Tensor) -> Route:
+        return route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) final-normed hidden states.
+
+        modality: (B, T) tower index per token; default from the id ranges.
+        positions: (B, T) rotary positions (restart per packed document); default 0..T-1.
+        attn_mask: boolean (B, 1, T, T), True = may attend; default causal.
+        """
+        batch, seq_len = tokens.shape
+        if modality is None:
+            modality = self.vocab.modality_of(tokens)
+        route = self.route(modality)
+        # Embed the ids in sorted order: cheaper than permuting the embedded rows.
+        x = self.embed(route.sort(tokens.reshape(-1)))
+        x = self.run_blocks(x, route, batch, seq_len, positions, attn_mask)
+        return route.unsort(x).view(batch, seq_len, -1)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        route: Route,
+        batch: int,
+        seq_len: int,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Blocks and final norm on (B*T, D) rows in the route's sorted order."""
+        if positions is None:
+            positions = torch.arange(seq_len, device=x.device)
+        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        inputs = AttentionInputs(batch, seq_len, cos, sin, attn_mask)
+        for block in self.blocks:
+            x = block(x, route, inputs)
+        return self.final_norm(x, route)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) logits over the unified vocabulary."""
+        return self.head(self.hidden_states(tokens, modality, positions, attn_mask))
+
+    def tower_parameters(self, tower: int) -> dict[str, torch.Tensor]:
+        """The slices of every untied parameter that belong to one tower (for inspection and tests)."""
+        out = {}
+        for name, module in self.named_modules():
+            if isinstance(module, TowerLinear | TowerRMSNorm) and module.weight.shape[0] > 1:
+                out[f"{name}.weight"] = module.weight[tower]
+        return out

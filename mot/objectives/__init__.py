@@ -1,0 +1,1 @@
+"""Training objectives per modality: `ar` (next-token cross-entropy); `diffusion` comes with its issue."""

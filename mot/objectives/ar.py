@@ -1,0 +1,23 @@
+"""Autoregressive next-token cross-entropy, reported per modality of the predicted token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def next_token_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, modality: torch.Tensor, n_modalities: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss over all predicted tokens, and per modality the loss sum and token count.
+
+    logits (B, T, V) predict tokens[:, 1:]; the modality of a prediction is that of its target.
+    Returns (mean_loss, loss_sum[M], count[M]) so that callers can weight and average across steps.
+    """
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    target = tokens[:, 1:].reshape(-1)
+    target_modality = modality[:, 1:].reshape(-1)
+    per_token = F.cross_entropy(pred, target, reduction="none")
+    loss_sum = torch.zeros(n_modalities, device=logits.device).index_add_(0, target_modality, per_token)
+    count = torch.bincount(target_modality, minlength=n_modalities)
+    return per_token.mean(), loss_sum, count

@@ -1,0 +1,1 @@
+"""The trainer (accelerate), checkpoints, logging and evaluation."""

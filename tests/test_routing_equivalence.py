@@ -1,0 +1,102 @@
+"""The sorted, grouped routing computes exactly what mask routing (the authors' form) computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mot.data.synthetic import random_layout, tokens_for_layout
+from mot.model import MoTTransformer, routing
+from mot.model.reference import mask_routed_forward
+from tests.conftest import randomize_norms, tiny_config
+
+LAYOUTS = {
+    "all three": [0, 1, 2],
+    "no image": [0, 2],  # image tower gets zero tokens
+    "text only": [0],
+    "image only": [1],
+}
+
+
+def _logits_and_grads(model, forward, tokens):
+    model.zero_grad(set_to_none=True)
+    logits = forward(tokens)
+    # A fixed random projection of the logits as the loss: every logit's gradient is nonzero.
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7), dtype=logits.dtype)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("placement", ["pre", "chameleon"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_sorted_routing_equals_mask_reference_float64(layout_name, placement, qk_norm, generator):
+    cfg = tiny_config(norm_placement=placement, qk_norm=qk_norm)
+    model = MoTTransformer(cfg).double()
+    randomize_norms(model, generator)
+    layout = random_layout(3, 40, LAYOUTS[layout_name], max_span=9, generator=generator)
+    tokens = tokens_for_layout(layout, model.vocab, generator)
+
+    ours, our_grads = _logits_and_grads(model, model, tokens)
+    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
+
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("untie", [["ffn"], ["attn"], ["norm"], ["attn", "norm"]])
+def test_partial_untying_equals_mask_reference(untie, generator):
+    """The paper's ablations: any subset of components untied."""
+    cfg = tiny_config(untie=untie, qk_norm=True)
+    model = MoTTransformer(cfg).double()
+    randomize_norms(model, generator)
+    tokens = tokens_for_layout(random_layout(2, 33, [0, 1, 2], 7, generator), model.vocab, generator)
+    ours, our_grads = _logits_and_grads(model, model, tokens)
+    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("layout_name", ["all three", "no image"])
+def test_grouped_mm_path_equals_split_path(layout_name, generator, monkeypatch):
+    """torch._grouped_mm (forced on the CPU) against split + matmul, same weights, float32."""
+    model = MoTTransformer(tiny_config())
+    randomize_norms(model, generator)
+    tokens = tokens_for_layout(random_layout(2, 48, LAYOUTS[layout_name], 11, generator), model.vocab, generator)
+    monkeypatch.setattr(routing, "GROUPED_MM", "never")
+    split, split_grads = _logits_and_grads(model, model, tokens)
+    monkeypatch.setattr(routing, "GROUPED_MM", "always")
+    grouped, grouped_grads = _logits_and_grads(model, model, tokens)
+    torch.testing.assert_close(grouped, split, rtol=1e-5, atol=1e-6)
+    for name in split_grads:
+        torch.testing.assert_close(grouped_grads[name], split_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_route_sort_groups_modalities_stably():
+    modality = torch.tensor([[2, 0, 1, 0], [1, 2, 0, 0]])
+    route = routing.route_tokens(modality, 3)
+    assert route.sorted_modality.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    # Stable: within a modality, tokens keep their natural order.
+    assert route.order.tolist() == [1, 3, 6, 7, 2, 4, 0, 5]
+    assert route.offsets.tolist() == [4, 6, 8]
+    rows = torch.arange(8.0)[:, None]
+    assert torch.equal(route.unsort(route.sort(rows)), rows)
+
+
+def test_permutation_backward_is_the_inverse_gather():
+    modality = torch.tensor([2, 0, 1, 0, 1])
+    route = routing.route_tokens(modality, 3)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: route.sort(t), (x,))
+    torch.autograd.gradcheck(lambda t: route.unsort(t), (x,))
+    weight = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda w: route.expand(w), (weight,))
+
+
+def test_dense_model_never_permutes():
+    model = MoTTransformer(tiny_config(untie=[]))
+    route = model.route(torch.tensor([[2, 0, 1]]))
+    assert route.order is None
+    assert all(p.shape[0] == 1 for n, p in model.named_parameters() if "blocks" in n)
