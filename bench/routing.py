@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mot.config import ModalityConfig, ModelConfig  # noqa: E402
-from mot.data.synthetic import bench_layout  # noqa: E402
+from mot.data.synthetic import bench_layout, random_layout  # noqa: E402
 from mot.flops import attention_flops_per_token  # noqa: E402
 from mot.model import MoTTransformer, routing  # noqa: E402
 from mot.model.reference import mask_routed_blocks  # noqa: E402
@@ -48,7 +48,7 @@ def sorted_blocks(model: MoTTransformer, x: torch.Tensor, modality: torch.Tensor
     return route.unsort(rows).view(batch, seq_len, dim)
 
 
-def time_ms(fn, steps: int, warmup: int = 3) -> list[float]:
+def time_ms(fn, steps: int, warmup: int = 5) -> list[float]:
     """Per-step times from CUDA events (host clock on the CPU, for smoke runs)."""
     for _ in range(warmup):
         fn()
@@ -69,6 +69,54 @@ def time_ms(fn, steps: int, warmup: int = 3) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, seq_len) -> str:
+    """Run a compiled variant on three new modality layouts; count the graphs Dynamo compiles."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        layout = random_layout(x.shape[0], seq_len, [0, 1, 2], 1500, gen).to(x.device)
+        routing.GROUPED_MM = mode
+        fn_run(model, x, layout).backward(grad_out)
+        model.zero_grad(set_to_none=True)
+    return f"3 new modality layouts -> {counters['stats']['unique_graphs'] - before} new graph(s) compiled"
+
+
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "matmul", "_mm_")),
+    ("permute/gather", ("index", "gather", "scatter")),
+)
+
+
+def kernel_breakdown(fn, label: str, folder: Path) -> str:
+    """Profile 3 steps; GPU time per kernel kind (ms per step) and the full table in a file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for avg in prof.key_averages():
+        us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        name = avg.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other (fused/elementwise)")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 3e3
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() else "_" for c in label)
+    sort_key = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") else None
+    (folder / f"{safe}.txt").write_text(prof.key_averages().table(sort_by=sort_key or "self_cuda_time_total",
+                                                                  row_limit=40))
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return f"  GPU ms/step by kernel kind: {parts} (total {sum(kinds.values()):.2f})"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,7 +157,9 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=5632)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", default="", help="folder: write a kernel breakdown per compiled variant")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", type=str, default="")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
@@ -157,12 +207,18 @@ def main() -> None:
         for name, model, run, mode in variants:
             routing.GROUPED_MM = mode
             fn_run = torch.compile(run) if compiled else run
+            label = f"{name} ({'compiled' if compiled else 'eager'})"
             try:
-                times = time_ms(step(model, fn_run, mode), args.steps)
+                times = time_ms(step(model, fn_run, mode), args.steps, args.warmup)
             except Exception as err:  # one variant failing must not hide the others
-                print(f"{name} ({'compiled' if compiled else 'eager'}) failed: {type(err).__name__}: {err}")
+                print(f"{label} failed: {type(err).__name__}: {err}")
                 continue
             results[(name, compiled)] = times
+            print(f"  {label}: median {statistics.median(times):.2f} ms", flush=True)
+            if compiled and run is sorted_blocks:
+                print("  " + recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, args.seq_len))
+            if compiled and args.profile and run is not mask_blocks:
+                print(kernel_breakdown(step(model, fn_run, mode), label, Path(args.profile)))
             torch._dynamo.reset()
 
     print()
@@ -183,7 +239,7 @@ def main() -> None:
             table[f"{name} {'compiled' if compiled else 'eager'}"] = {"median_ms": med, "times_ms": times,
                                                                    "x_dense": med / base_med}
         print("| " + " | ".join(cells) + " |")
-    print(f"\nmedian of {args.steps} steps after 3 warm-up; TFLOP/s = blocks' fwd+bwd FLOPs "
+    print(f"\nmedian of {args.steps} steps after {args.warmup} warm-up; TFLOP/s = blocks' fwd+bwd FLOPs "
           f"({flops / 1e12:.2f} TFLOP/step, causal attention) / median time; ± = half the min-max spread")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))

@@ -83,6 +83,10 @@ def test_route_sort_groups_modalities_stably():
     assert route.offsets.tolist() == [4, 6, 8]
     rows = torch.arange(8.0)[:, None]
     assert torch.equal(route.unsort(route.sort(rows)), rows)
+    # A tower with no tokens gets an empty slice.
+    empty_middle = routing.route_tokens(torch.tensor([2, 0, 2]), 3)
+    assert empty_middle.offsets.tolist() == [1, 1, 3]
+    assert empty_middle.counts.tolist() == [1, 0, 2]
 
 
 def test_permutation_backward_is_the_inverse_gather():

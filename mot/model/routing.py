@@ -97,16 +97,23 @@ class Route:
 
 
 def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True) -> Route:
-    """Route a (B, T) or (N,) tensor of tower indices. `permute=False` gives the identity route."""
+    """Route a (B, T) or (N,) tensor of tower indices. `permute=False` gives the identity route.
+
+    Every shape here is static (N or M), so torch.compile traces it once for any mix of modalities.
+    """
     flat = modality.reshape(-1)
-    counts = torch.bincount(flat, minlength=n_towers)
-    offsets = counts.cumsum(0).to(torch.int32)
+    towers = torch.arange(n_towers, device=flat.device, dtype=flat.dtype)
     if not permute:
-        return Route(flat, counts, offsets)
+        counts = (flat[:, None] == towers).sum(0)
+        return Route(flat, counts, counts.cumsum(0).to(torch.int32))
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return Route(flat.index_select(0, order), counts, offsets, order, inverse)
+    sorted_modality = flat.index_select(0, order)
+    # End offset of each tower's slice; a tower with no tokens gets an empty slice.
+    offsets = torch.searchsorted(sorted_modality, towers, right=True)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    return Route(sorted_modality, counts, offsets.to(torch.int32), order, inverse)
 
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
