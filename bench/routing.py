@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", default="", help="folder: write a kernel breakdown per compiled variant")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also time dense and grouped under torch.compile(mode='max-autotune-no-cudagraphs')")
     parser.add_argument("--json", type=str, default="")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
     args = parser.parse_args()
@@ -203,17 +205,24 @@ def main() -> None:
     ]
     flops = block_flops_per_token(cfg, seq_len) * batch * seq_len
     results = {}
-    for compiled in (False, True) if not args.no_compile else (False,):
+    # (label, torch.compile keyword arguments or None for eager)
+    modes = [("eager", None)] + ([] if args.no_compile else [("compiled", {})])
+    if args.autotune:
+        modes.append(("max-autotune", {"mode": "max-autotune-no-cudagraphs"}))
+    for mode_name, compile_kwargs in modes:
+        compiled = compile_kwargs is not None
         for name, model, run, mode in variants:
+            if mode_name == "max-autotune" and (run is not sorted_blocks or mode == "never"):
+                continue  # autotuning: dense and grouped only
             routing.GROUPED_MM = mode
-            fn_run = torch.compile(run) if compiled else run
-            label = f"{name} ({'compiled' if compiled else 'eager'})"
+            fn_run = torch.compile(run, **compile_kwargs) if compiled else run
+            label = f"{name} ({mode_name})"
             try:
                 times = time_ms(step(model, fn_run, mode), args.steps, args.warmup)
             except Exception as err:  # one variant failing must not hide the others
                 print(f"{label} failed: {type(err).__name__}: {err}")
                 continue
-            results[(name, compiled)] = times
+            results[(name, mode_name)] = times
             print(f"  {label}: median {statistics.median(times):.2f} ms", flush=True)
             if compiled and run is sorted_blocks:
                 print("  " + recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, args.seq_len))
@@ -222,22 +231,22 @@ def main() -> None:
             torch._dynamo.reset()
 
     print()
-    print("| routing | eager ms | x dense | TFLOP/s | compiled ms | x dense | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    mode_names = [m for m, _ in modes]
+    print("| routing | " + " | ".join(f"{m} ms | x dense | TFLOP/s" for m in mode_names) + " |")
+    print("|---|" + "---|---|---|" * len(modes))
     table = {}
     for name, *_ in variants:
         cells = [name]
-        for compiled in (False, True):
-            times = results.get((name, compiled))
-            base = results.get((variants[0][0], compiled))
+        for mode_name in mode_names:
+            times = results.get((name, mode_name))
+            base = results.get((variants[0][0], mode_name))
             if not times or not base:
                 cells += ["-", "-", "-"]
                 continue
             med, base_med = statistics.median(times), statistics.median(base)
             spread = (max(times) - min(times)) / med
             cells += [f"{med:.2f} (±{100 * spread / 2:.0f}%)", f"{med / base_med:.3f}", f"{flops / med / 1e9:.0f}"]
-            table[f"{name} {'compiled' if compiled else 'eager'}"] = {"median_ms": med, "times_ms": times,
-                                                                   "x_dense": med / base_med}
+            table[f"{name} {mode_name}"] = {"median_ms": med, "times_ms": times, "x_dense": med / base_med}
         print("| " + " | ".join(cells) + " |")
     print(f"\nmedian of {args.steps} steps after {args.warmup} warm-up; TFLOP/s = blocks' fwd+bwd FLOPs "
           f"({flops / 1e12:.2f} TFLOP/step, causal attention) / median time; ± = half the min-max spread")

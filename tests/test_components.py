@@ -7,7 +7,7 @@ import math
 import torch
 
 from mot.model import MoTTransformer
-from mot.model.rope import apply_rotary, rotary_tables
+from mot.model.rope import RotaryEmbedding, apply_rotary
 from mot.objectives.ar import next_token_loss
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -28,7 +28,7 @@ def test_unified_vocab_layout_and_modality_of():
 def test_rotary_matches_a_per_pair_rotation():
     x = torch.randn(1, 5, 2, 8, dtype=torch.float64)
     positions = torch.tensor([0, 1, 2, 7, 100])
-    cos, sin = rotary_tables(positions, 8, 10000.0, torch.float64)
+    cos, sin = RotaryEmbedding(8, 128, 10000.0).double()(5, positions)
     out = apply_rotary(x, cos, sin)
     for t, pos in enumerate(positions.tolist()):
         for i in range(4):  # pair (i, i + 4) rotated by pos * theta^(-2i/8)
@@ -36,6 +36,13 @@ def test_rotary_matches_a_per_pair_rotation():
             a, b = x[0, t, :, i], x[0, t, :, i + 4]
             torch.testing.assert_close(out[0, t, :, i], a * math.cos(angle) - b * math.sin(angle))
             torch.testing.assert_close(out[0, t, :, i + 4], b * math.cos(angle) + a * math.sin(angle))
+
+
+def test_casting_the_model_to_bf16_keeps_rotary_tables_in_float32():
+    model = MoTTransformer(tiny_config()).to(torch.bfloat16)
+    assert model.rope.cos.dtype == torch.float32
+    reference = RotaryEmbedding(8, 64, 10000.0).double()
+    torch.testing.assert_close(model.rope.cos.double(), reference.cos, rtol=0, atol=1e-7)
 
 
 def test_next_token_loss_matches_per_token_loop():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mot.model.rope import apply_rotary, rotary_tables
+from mot.model.rope import apply_rotary
 from mot.model.transformer import MoTTransformer
 
 
@@ -64,7 +64,7 @@ def _attention(q, k, v, fast: bool) -> torch.Tensor:
     return (scores.softmax(-1) @ v.double()).to(q.dtype)
 
 
-def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast):
+def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast, rope):
     n_rows, heads, head_dim = h.shape[0], cfg.n_heads, cfg.head_dim
     q, k, v = _linear(h, attn.qkv.weight, masks).split(cfg.dim, dim=-1)
     q, k, v = (t.reshape(n_rows, heads, head_dim) for t in (q, k, v))
@@ -73,7 +73,7 @@ def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast):
         k = _rms_norm(k, attn.k_norm.weight, cfg.norm_eps, masks)
     q, k, v = (t.reshape(batch, seq_len, heads, head_dim) for t in (q, k, v))
     if fast:
-        cos, sin = rotary_tables(positions, head_dim, cfg.rope_theta, q.dtype)
+        cos, sin = rope(seq_len, None)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     else:
         q, k = _rotary(q, positions, cfg.rope_theta), _rotary(k, positions, cfg.rope_theta)
@@ -99,11 +99,12 @@ def mask_routed_blocks(
     masks = [flat == i for i in range(cfg.n_modalities)]
     positions = torch.arange(seq_len, device=x.device).expand(batch, seq_len)
     x = x.reshape(batch * seq_len, cfg.dim)
+    rope = model.rope
 
     for block in model.blocks:
         attn_norm = lambda h, w=block.attn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
         ffn_norm = lambda h, w=block.ffn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
-        attention = lambda h, a=block.attn: _attention_sublayer(a, h, masks, cfg, batch, seq_len, positions, fast)
+        attention = lambda h, a=block.attn: _attention_sublayer(a, h, masks, cfg, batch, seq_len, positions, fast, rope)
         ffn = lambda h, f=block.ffn: _ffn_sublayer(f, h, masks)
         if cfg.norm_placement == "pre":
             x = x + attention(attn_norm(x))

@@ -40,8 +40,8 @@ class _ExpandTowerRows(torch.autograd.Function):
     """weight[tower_of_row]: per-row copies of a per-tower vector.
 
     The default backward of an index is an index_add with N rows landing on a
-    handful of tower rows (atomic contention on the GPU); a one-hot matmul sums
-    them instead.
+    handful of tower rows (atomic contention on the GPU); masked sums, one per
+    tower, reduce them instead (inductor fuses them into one pass).
     """
 
     @staticmethod
@@ -53,8 +53,9 @@ class _ExpandTowerRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (tower,) = ctx.saved_tensors
-        one_hot = F.one_hot(tower, ctx.n_towers).to(grad.dtype)
-        return one_hot.transpose(0, 1) @ grad.reshape(grad.shape[0], -1), None
+        rows = grad.reshape(grad.shape[0], -1)
+        sums = [torch.where((tower == i)[:, None], rows, 0).sum(0) for i in range(ctx.n_towers)]
+        return torch.stack(sums).view(ctx.n_towers, *grad.shape[1:]), None
 
 
 @dataclass

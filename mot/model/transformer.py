@@ -13,7 +13,7 @@ from torch import nn
 
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
-from mot.model.rope import rotary_tables
+from mot.model.rope import RotaryEmbedding
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
 from mot.vocab import UnifiedVocab
 
@@ -30,6 +30,7 @@ class MoTTransformer(nn.Module):
         self.head = nn.Linear(cfg.dim, self.vocab.size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -84,9 +85,7 @@ class MoTTransformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Blocks and final norm on (B*T, D) rows in the route's sorted order."""
-        if positions is None:
-            positions = torch.arange(seq_len, device=x.device)
-        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self.rope(seq_len, positions)
         inputs = AttentionInputs(batch, seq_len, cos, sin, attn_mask)
         for block in self.blocks:
             x = block(x, route, inputs)
