@@ -141,6 +141,14 @@ def check(model, x, modality, grad_out) -> list[str]:
         worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
         lines.append(f"check sorted/{'split' if mode == 'never' else 'grouped'} vs mask oracle (fp32): "
                      f"output rel err {rel_err(out, ref_out):.2e}, worst weight-grad rel err {worst:.2e}")
+    # The trainer's mixed precision: fp32 weights under bf16 autocast take the grouped path too.
+    routing.GROUPED_MM = "auto"
+    fp32_model = copy.deepcopy(model).float()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out, grads = grads_of(fp32_model, sorted_blocks, x.float(), modality, grad_out.float())
+    worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
+    lines.append(f"check sorted/grouped fp32 weights under bf16 autocast vs oracle: output rel err "
+                 f"{rel_err(out, ref_out):.2e}, worst weight-grad rel err {worst:.2e}")
     # A batch with no speech tokens: the speech tower's gradients must be exactly zero.
     no_speech = torch.where(modality == 2, 0, modality)
     routing.GROUPED_MM = "auto"

@@ -40,8 +40,9 @@ class _ExpandTowerRows(torch.autograd.Function):
     """weight[tower_of_row]: per-row copies of a per-tower vector.
 
     The default backward of an index is an index_add with N rows landing on a
-    handful of tower rows (atomic contention on the GPU); masked sums, one per
-    tower, reduce them instead (inductor fuses them into one pass).
+    handful of tower rows (atomic contention on the GPU). Eager sums them with
+    one one-hot matmul; under torch.compile masked sums, one per tower, fuse
+    into the norm's own backward reduction instead.
     """
 
     @staticmethod
@@ -54,8 +55,11 @@ class _ExpandTowerRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (tower,) = ctx.saved_tensors
         rows = grad.reshape(grad.shape[0], -1)
-        sums = [torch.where((tower == i)[:, None], rows, 0).sum(0) for i in range(ctx.n_towers)]
-        return torch.stack(sums).view(ctx.n_towers, *grad.shape[1:]), None
+        if torch.compiler.is_compiling():
+            sums = torch.stack([torch.where((tower == i)[:, None], rows, 0).sum(0) for i in range(ctx.n_towers)])
+        else:
+            sums = F.one_hot(tower, ctx.n_towers).to(rows.dtype).transpose(0, 1) @ rows
+        return sums.view(ctx.n_towers, *grad.shape[1:]), None
 
 
 @dataclass
