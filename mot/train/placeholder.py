@@ -44,7 +44,7 @@ def _smoke(model: MoTTransformer, tokens: torch.Tensor, label: str) -> dict[str,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    return {"measured": measured, "first": first, "last": float(loss), "ms": 1e3 * elapsed / SMOKE_STEPS}
+    return {"measured": measured, "first": first, "last": loss.item(), "ms": 1e3 * elapsed / SMOKE_STEPS}
 
 
 def run_placeholder(cfg: RunConfig, recipe: Path) -> int:
