@@ -266,5 +266,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(data, where)
 
 
+def load_dataclass(cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """Any dataclass config (tokenizer configs, ...) from a TOML file, checked like a recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for override in overrides:
+        apply_override(data, override)
+    return _build(cls, data, "", str(path))
+
+
 def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
