@@ -2,6 +2,7 @@
 
     mot flops RECIPE.toml [RECIPE ...] [--seq-len N] [--key=value ...]
     mot train [RECIPE.toml] [--key=value ...]      (same as python train_mot.py)
+    mot demo-data | tokenizer train|encode|decode | prepare   (see mot/data_commands.py)
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mot.config import ConfigError, RunConfig, load_config
+from mot.data.prepare import PrepareError
+from mot.data_commands import add_commands as add_data_commands
 from mot.flops import SizeReport, dense_baseline, size_report
+from mot.tokenize.base import TokenizerError
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 
@@ -124,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=0, help="sequence length (default: train.seq_len)")
     p.set_defaults(func=cmd_flops)
 
+    add_data_commands(sub)
+
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")
     p.set_defaults(func=cmd_train)
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _split_overrides(extra, parser)
     try:
         return args.func(args, overrides)
-    except ConfigError as err:
+    except (ConfigError, TokenizerError, PrepareError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
