@@ -155,8 +155,10 @@ class LPIPS(nn.Module):
             raise TokenizerError(f"{path}: LPIPS weights ('perceptual') not found; set perceptual = \"\" to train "
                                  "without the perceptual loss")
         try:
-            state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
-                path, map_location="cpu", weights_only=True)
+            if path.suffix == ".safetensors":
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure to read is the same problem for the user
             raise TokenizerError(f"{path}: cannot read LPIPS weights ({err})") from None
         slice_of = {i: k for k, (a, b) in enumerate(self.slices, 1) for i in range(a, b)}
