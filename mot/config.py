@@ -251,33 +251,29 @@ def apply_override(data: dict, override: str) -> None:
         node[last] = _parse_value(raw)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a TOML recipe, apply `--key=value` overrides, validate everything."""
+def _read_toml(path: str | Path, overrides: list[str] | tuple[str, ...], kind: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+        raise ConfigError(f"{path}: {kind} file not found")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for override in overrides:
         apply_override(data, override)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML recipe, apply `--key=value` overrides, validate everything."""
+    data = _read_toml(path, overrides, "recipe")
     where = str(path) + (f" (with overrides {list(overrides)})" if overrides else "")
     return config_from_dict(data, where)
 
 
 def load_dataclass(cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """Any dataclass config (tokenizer configs, ...) from a TOML file, checked like a recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for override in overrides:
-        apply_override(data, override)
-    return _build(cls, data, "", str(path))
+    return _build(cls, _read_toml(path, overrides, "config"), "", str(path))
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -6,6 +6,10 @@ Local ids are placed in the unified vocabulary by `mot.vocab.UnifiedVocab`
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,3 +36,25 @@ class ModalityTokenizer(Protocol):
 
 class TokenizerError(ValueError):
     """A tokenizer file or input that cannot be used; the message names the file or the item."""
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file and rename, so a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def config_to_toml(config) -> str:
+    """A flat dataclass config as TOML text (the tokenizers save their config beside their weights)."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(config).items())

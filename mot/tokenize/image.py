@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import nn
 
 from mot.config import ConfigError, _build, load_dataclass
-from mot.tokenize.base import TokenizerError
+from mot.tokenize.base import TokenizerError, config_to_toml, write_atomic
 
 WEIGHTS_FILE = "vqgan.safetensors"
 CONFIG_FILE = "vqgan.toml"
@@ -124,22 +122,6 @@ def load_vqgan_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     except ConfigError as err:
         raise TokenizerError(str(err)) from None
     return config.check(str(path))
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -270,9 +252,9 @@ class ImageTokenizer(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "taming-vqgan"}))
-        text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(self.config).items())
-        _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(text))
+        write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "taming-vqgan"}))
+        text = config_to_toml(self.config)
+        write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, folder: str | Path) -> ImageTokenizer:
@@ -358,12 +340,10 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         raise TokenizerError(
             f"{path}: refused: the checkpoint holds pickled Python objects besides tensors (e.g. "
             f"pytorch-lightning callbacks), and mot loads checkpoints with weights_only=True only. "
-            f"Where you trust the file, convert it once to safetensors:\n"
-            f"  python -c \"import torch; from safetensors.torch import save_file; "
-            f"sd = torch.load('{path}', map_location='cpu', weights_only=False)['state_dict']; "
-            f"save_file({{k: v.contiguous() for k, v in sd.items() if not k.startswith('loss.')}}, "
-            f"'{path.with_suffix('.safetensors')}')\"\n"
-            f"and pass the .safetensors file instead. ({str(err).splitlines()[0]})"
+            f"Where you trust the file, convert it once to safetensors (read its 'state_dict' with "
+            f"torch.load and weights_only=False, drop the 'loss.*' keys, write it with "
+            f"safetensors.torch.save_file to {path.with_suffix('.safetensors')}) and pass that file instead. "
+            f"({str(err).splitlines()[0]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise TokenizerError(f"{path}: not a readable PyTorch checkpoint: {err}") from None

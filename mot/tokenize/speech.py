@@ -20,9 +20,6 @@ robotic, phasey speech. The error metric, `mel_reconstruction_error`, lives in s
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mot.config import ConfigError, load_dataclass
-from mot.tokenize.base import TokenizerError
+from mot.tokenize.base import TokenizerError, config_to_toml, write_atomic
 from mot.tokenize.speech_codebook import assign, kmeans, mel_reconstruction_error
 
 WEIGHTS_FILE = "speech_units.safetensors"
@@ -168,20 +165,6 @@ def check_waveform(waveform, min_samples: int, where: str = "waveform") -> torch
     return waveform.float()
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the tokenizer
 
 
@@ -291,9 +274,9 @@ class SpeechTokenizer:
         state = {"codebook": self.codebook, "mean": self.mean, "std": self.std}
         state = {k: v.contiguous() for k, v in state.items()}
         meta = {"format": "mot-speech-units"}
-        _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata=meta))
-        text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(self.config).items())
-        _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(text))
+        write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata=meta))
+        text = config_to_toml(self.config)
+        write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, folder: str | Path) -> SpeechTokenizer:
