@@ -13,21 +13,7 @@ from mot.data.loader import PackedLoader, document_causal_mask, held_out
 from mot.data.prepare import prepare
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
-
-
-class FakeText:
-    modality = "text"
-    vocab_size = 40
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode()), dtype=torch.long) % self.vocab_size
-
-    def decode(self, ids):
-        return bytes(ids.tolist()).decode(errors="replace")
-
-    def save(self, folder) -> None:
-        pass
-
+from tests.fakes import FakeText
 
 SEQ_LEN, BATCH = 16, 2
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import soundfile
-import torch
 from PIL import Image
 
 from mot.data.documents import Document, ImageSegment, TextSegment, load_audio, load_image
@@ -15,59 +14,7 @@ from mot.data.prepare import PrepareError, prepare
 from mot.data.shards import ShardedCorpus
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
-
-# Tiny stand-ins for the real tokenizers: they implement the protocol and nothing more.
-
-
-class FakeText:
-    modality = "text"
-    vocab_size = 40
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode()), dtype=torch.long) % self.vocab_size
-
-    def decode(self, ids):
-        return bytes(ids.tolist()).decode(errors="replace")
-
-    def save(self, folder) -> None:
-        pass
-
-
-class FakeImage:
-    """Mean colour of each 4x4 patch, quantized: a 16x16 image is a 4x4 grid of codes."""
-
-    modality = "image"
-    vocab_size = 24
-    grid_size = 4
-    resolution = 16
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        patches = image.mean(0).unfold(0, 4, 4).unfold(1, 4, 4).mean((-1, -2))  # (4, 4), row-major below
-        return (patches * (self.vocab_size - 1)).round().long().reshape(-1)
-
-    def decode(self, ids):
-        return ids.float().reshape(1, 4, 4) / (self.vocab_size - 1)
-
-    def save(self, folder) -> None:
-        pass
-
-
-class FakeSpeech:
-    """RMS energy of 80-sample frames, quantized."""
-
-    modality = "speech"
-    vocab_size = 16
-    sample_rate = 8000
-
-    def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        frames = wave[: len(wave) // 80 * 80].reshape(-1, 80)
-        return (frames.pow(2).mean(1).sqrt() * 2 * self.vocab_size).long().clamp(0, self.vocab_size - 1)
-
-    def decode(self, ids):
-        return ids.float().repeat_interleave(80)
-
-    def save(self, folder) -> None:
-        pass
+from tests.fakes import FakeImage, FakeSpeech, FakeText
 
 
 def tokenizers() -> dict:

@@ -58,3 +58,15 @@ def _toml_value(value) -> str:
 def config_to_toml(config) -> str:
     """A flat dataclass config as TOML text (the tokenizers save their config beside their weights)."""
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(config).items())
+
+
+def load_tokenizer_config(cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """A tokenizer config dataclass from TOML, every key checked, then its own `check(where)`;
+    any problem is a TokenizerError naming the file."""
+    from mot.config import ConfigError, load_dataclass
+
+    try:
+        config = load_dataclass(cls, path, overrides)
+    except ConfigError as err:
+        raise TokenizerError(str(err)) from None
+    return config.check(str(path))

@@ -31,8 +31,8 @@ from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import nn
 
-from mot.config import ConfigError, _build, load_dataclass
-from mot.tokenize.base import TokenizerError, config_to_toml, write_atomic
+from mot.config import ConfigError, _build
+from mot.tokenize.base import TokenizerError, config_to_toml, load_tokenizer_config, write_atomic
 
 WEIGHTS_FILE = "vqgan.safetensors"
 CONFIG_FILE = "vqgan.toml"
@@ -117,11 +117,7 @@ class VQGANConfig:
 
 def load_vqgan_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> VQGANConfig:
     """A VQGANConfig from TOML (e.g. tokenizers/vqgan_demo.toml), every key checked."""
-    try:
-        config = load_dataclass(VQGANConfig, path, overrides)
-    except ConfigError as err:
-        raise TokenizerError(str(err)) from None
-    return config.check(str(path))
+    return load_tokenizer_config(VQGANConfig, path, overrides)
 
 
 # ---------------------------------------------------------------- the tokenizer

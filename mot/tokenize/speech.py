@@ -35,8 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mot.config import ConfigError, load_dataclass
-from mot.tokenize.base import TokenizerError, config_to_toml, write_atomic
+from mot.tokenize.base import TokenizerError, config_to_toml, load_tokenizer_config, write_atomic
 from mot.tokenize.speech_codebook import assign, kmeans, mel_reconstruction_error
 
 WEIGHTS_FILE = "speech_units.safetensors"
@@ -111,11 +110,7 @@ class SpeechTokenizerConfig:
 
 def load_speech_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpeechTokenizerConfig:
     """A SpeechTokenizerConfig from TOML (e.g. tokenizers/speech_demo.toml), every key checked."""
-    try:
-        config = load_dataclass(SpeechTokenizerConfig, path, overrides)
-    except ConfigError as err:
-        raise TokenizerError(str(err)) from None
-    return config.check(str(path))
+    return load_tokenizer_config(SpeechTokenizerConfig, path, overrides)
 
 
 # ---------------------------------------------------------------- audio in
