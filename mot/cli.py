@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +22,8 @@ from mot.data.prepare import PrepareError
 from mot.data_commands import add_commands as add_data_commands
 from mot.flops import SizeReport, dense_baseline, size_report
 from mot.tokenize.base import TokenizerError
+from mot.train.checkpoint import CheckpointError
+from mot.train.errors import NonFiniteError
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 
@@ -113,10 +117,30 @@ def cmd_flops(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mot.train.placeholder import run_placeholder
+    from mot.train.trainer import train
 
     recipe = args.recipe or DEMO_RECIPE
-    return run_placeholder(load_config(recipe, overrides), Path(recipe))
+    cfg = load_config(recipe, overrides)
+    where = str(recipe) + (f" (with overrides {overrides})" if overrides else "")
+    console = wide_console()
+    main_process = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch` / torchrun
+    if main_process:
+        console.print(flops_table(cfg, cfg.train.seq_len))
+    result = train(cfg, where, resume=args.resume, overwrite=args.overwrite)
+    if not main_process:
+        return 0
+    table = Table(title=f"{cfg.name}: step {result.step}, run folder {result.run_dir}")
+    for col in ("modality", "train loss (last window)", "eval loss", "eval perplexity"):
+        table.add_column(col, justify="left" if col == "modality" else "right")
+    for key in ("loss", *(f"loss/{m.name}" for m in cfg.model.modalities)):
+        train_loss, eval_loss = result.train_loss.get(key), result.eval_loss.get(key)
+        table.add_row("all (weighted)" if key == "loss" else key[5:],
+                      f"{train_loss:.4f}" if train_loss is not None else "-",
+                      f"{eval_loss:.4f}" if eval_loss is not None else "-",
+                      f"{math.exp(eval_loss):.2f}" if eval_loss is not None else "-")
+    console.print(table)
+    console.print(f"checkpoint: {result.checkpoint}\nloss curves: {result.plot}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue from the run's latest checkpoint, or from CKPT (a step-* folder or a run folder)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start again")
     p.set_defaults(func=cmd_train)
     return parser
 
@@ -142,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _split_overrides(extra, parser)
     try:
         return args.func(args, overrides)
-    except (ConfigError, TokenizerError, PrepareError) as err:
+    except (ConfigError, TokenizerError, PrepareError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -87,11 +87,52 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the training tokens come from. Relative paths are taken from the working directory."""
+
+    shards: str = ""  # a folder written by `mot prepare`
+    # When `shards` holds no prepared corpus yet, the trainer prepares it from these first.
+    documents: str = ""  # JSONL documents (or a local HF datasets source)
+    tokenizers: str = ""  # folder with text/ image/ speech/ tokenizers; copied into the run for generation
+    demo: bool = False  # generate the bundled demo corpus at `documents` if it is missing
+    prepare_workers: int = 2
+    eval_fraction: float = 0.02  # documents held out for evaluation (chosen by a hash of their id)
+    positions: Literal["continue", "restart"] = "continue"  # rotary positions of a document split over sequences
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 512
-    batch_size: int = 8  # sequences per optimizer step
+    batch_size: int = 8  # sequences per optimizer step, over all devices and accumulation steps
+    micro_batch_size: int = 0  # sequences per device per forward pass; 0 = batch_size / devices
     steps: int = 1000
     seed: int = 0
+    # AdamW; weight decay applies to projection and head matrices, not to norms or embeddings.
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes
+    # A non-finite loss or gradient: "stop" names the step and modality; "skip" drops that update.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10  # "skip" still stops after this many skipped updates in a row
+    # Output, logging, evaluation, checkpoints.
+    out_dir: str = "runs"  # the run writes into out_dir/name
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+    peak_tflops: float = 0.0  # per-device dense bf16 peak for MFU; 0 = look up the GPU, none on CPU
 
 
 @dataclass
@@ -99,6 +140,7 @@ class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # ---------------------------------------------------------------- validation
@@ -144,6 +186,33 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
             fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
     if t.seq_len > m.max_seq_len:
         fail("train.seq_len", f"({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    for key in ("micro_batch_size", "warmup_steps", "log_every", "eval_every", "eval_batches",
+                "checkpoint_every", "max_skipped_steps"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        fail("train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
+    if t.lr <= 0:
+        fail("train.lr", f"must be positive, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        fail("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps > t.steps:
+        fail("train.warmup_steps", f"({t.warmup_steps}) exceeds train.steps ({t.steps})")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            fail(f"train.{key}", f"must be in [0, 1), got {getattr(t, key)}")
+    for key in ("weight_decay", "grad_clip", "eps", "peak_tflops"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.keep_checkpoints < 1:
+        fail("train.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    d = cfg.data
+    if not 0 <= d.eval_fraction < 1:
+        fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    if d.prepare_workers < 0:
+        fail("data.prepare_workers", f"must be >= 0, got {d.prepare_workers}")
+    if d.demo and not d.documents:
+        fail("data.demo", "needs data.documents: the path the demo corpus is generated at")
 
 
 def _type_name(tp: Any) -> str:

@@ -133,29 +133,38 @@ def cmd_tokenizer_decode(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+def prepare_for_recipe(cfg, recipe: str | Path, data: str | Path, tokenizers: str | Path, out: str | Path,
+                       workers: int = 1, shard_size: int = 1000, max_doc_tokens: int = 0):
+    """Tokenize `data` into shards for the recipe's vocabulary with the tokenizers in `tokenizers`/<modality>."""
     from functools import partial
 
-    from mot.config import ConfigError, load_config
+    from mot.config import ConfigError
     from mot.data.prepare import prepare
     from mot.vocab import UnifiedVocab
 
-    cfg = load_config(args.recipe, overrides)
     vocab = UnifiedVocab(cfg.model)
     loaders, paths = {}, {}
     for mod in cfg.model.modalities:
-        folder = Path(args.tokenizers) / mod.name
+        folder = Path(tokenizers) / mod.name
         if not folder.exists():
             print(f"note: no tokenizer at {folder}: documents with {mod.name} segments are skipped and counted")
             continue
         tok = load_tokenizer(mod.name, folder)
         if tok.vocab_size > mod.vocab_size:
-            raise ConfigError(f"{args.recipe}: model.modalities '{mod.name}' has vocab_size {mod.vocab_size}, "
+            raise ConfigError(f"{recipe}: model.modalities '{mod.name}' has vocab_size {mod.vocab_size}, "
                               f"but the tokenizer in {folder} emits {tok.vocab_size} ids")
         loaders[mod.name] = partial(load_tokenizer, mod.name, str(folder))
         paths[mod.name] = str(folder)
-    stats = prepare(args.data, loaders, vocab, args.out, num_workers=args.workers, shard_size=args.shard_size,
-                    max_doc_tokens=args.max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths)
+    return prepare(data, loaders, vocab, out, num_workers=workers, shard_size=shard_size,
+                   max_doc_tokens=max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths)
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mot.config import load_config
+
+    cfg = load_config(args.recipe, overrides)
+    stats = prepare_for_recipe(cfg, args.recipe, args.data, args.tokenizers, args.out, workers=args.workers,
+                               shard_size=args.shard_size, max_doc_tokens=args.max_doc_tokens)
     print(json.dumps(stats.as_dict(), indent=1, default=str))
     return 0
 

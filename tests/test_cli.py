@@ -1,4 +1,4 @@
-"""The command line: `mot flops` and the placeholder main job, run as a user would."""
+"""The command line: `mot flops` and `train_mot.py`, run as a user would."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_bad_override_fails_with_the_key_named():
     assert "unknown key 'model.dimm' (did you mean 'dim'?)" in result.stderr
 
 
-def test_train_placeholder_runs_mot_and_dense():
-    result = _run("train_mot.py", "--train.seq_len=64", "--train.batch_size=2")
-    assert result.returncode == 0, result.stderr
-    assert "MoT" in result.stdout and "dense" in result.stdout
+def test_train_mot_checks_the_recipe_before_any_work():
+    result = _run("train_mot.py", "--train.warmup_steps=5000", "--train.out_dir=/nonexistent/runs")
+    assert result.returncode == 2
+    assert "'train.warmup_steps' (5000) exceeds train.steps (800)" in result.stderr
+    assert not Path("/nonexistent/runs").exists()

@@ -1,0 +1,417 @@
+"""The training loop: accelerate for devices and precision, AdamW + warm-up/cosine, gradient accumulation,
+clipping, per-modality loss weights, held-out evaluation, logging, atomic checkpoints and exact resume.
+
+    result = train(load_config("recipes/demo.toml"), resume=None)
+
+One optimizer step = `accum` micro-batches per process. The loss that is back-propagated is
+sum_m w_m * (loss sum over modality-m predictions) / (predictions per process per step), so with all weights
+1 it is the plain token mean, and DDP/FSDP's gradient averaging makes it the mean over all processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mot.config import ConfigError, RunConfig, config_to_dict
+from mot.data.loader import PackedBatch
+from mot.flops import size_report
+from mot.model import MoTTransformer
+from mot.model.block import MoTBlock
+from mot.objectives.ar import next_token_loss
+from mot.train import checkpoint as ckpt
+from mot.train.data import RankSlice, build_loaders, ensure_prepared
+from mot.train.errors import NonFiniteError
+from mot.train.metrics_log import MetricsLog, plot_loss_curves
+from mot.train.optim import build_optimizer, build_scheduler
+
+# Dense bf16 tensor-core peak per device (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: dict[str, float]  # last logged window, per modality (and "loss", the weighted total)
+    eval_loss: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    plot: Path | None = None
+    losses: list[float] = field(default_factory=list)  # weighted loss of every step this process ran
+    skipped_steps: int = 0
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def check_trainable(cfg: RunConfig, where: str) -> None:
+    diffusion = [m.name for m in cfg.model.modalities if m.objective != "ar"]
+    if diffusion:
+        raise ConfigError(f"{where}: modalities {diffusion} ask for objective 'diffusion', which the trainer "
+                          "does not run yet; use objective = 'ar'")
+
+
+def _accelerator(cfg: RunConfig):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+    fsdp = None
+    if t.distributed == "fsdp" and PartialState().num_processes > 1:
+        fsdp = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=[MoTBlock.__name__], reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT",
+        )
+    return Accelerator(mixed_precision={"bf16": "bf16", "fp32": "no"}[precision], fsdp_plugin=fsdp, cpu=not cuda)
+
+
+def _batch_shape(cfg: RunConfig, world_size: int, where: str) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) so that micro * world * accum = batch_size."""
+    t = cfg.train
+    micro = t.micro_batch_size or max(1, t.batch_size // world_size)
+    if t.batch_size % (micro * world_size):
+        raise ConfigError(f"{where}: train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({micro}) x processes ({world_size})")
+    return micro, t.batch_size // (micro * world_size)
+
+
+def _prepare_run_dir(
+    cfg: RunConfig, resume: str | bool | None, overwrite: bool, where: str
+) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None: a fresh start)."""
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        source = ckpt.resolve_checkpoint(checkpoints if resume is True else resume)
+        return run_dir, source
+    if ckpt.list_checkpoints(checkpoints) and not overwrite:
+        raise ConfigError(f"{where}: {run_dir} already holds checkpoints (latest "
+                          f"{ckpt.latest_checkpoint(checkpoints).name}); pass --resume to continue that run, "
+                          "--overwrite to start it again, or --name=... for a new run")
+    return run_dir, None
+
+
+def _model_diff(a: dict, b: dict) -> list[str]:
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _apply_activation_checkpointing(model: MoTTransformer) -> None:
+    # The composable API keeps parameter names, so checkpoints load with or without it.
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks:
+        checkpoint(block)
+
+
+class _Window:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self, n_modalities: int):
+        self.loss_sum = torch.zeros(n_modalities, dtype=torch.float64)
+        self.count = torch.zeros(n_modalities, dtype=torch.float64)
+        self.weighted, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, weighted: float, tokens: int, seconds: float):
+        self.loss_sum += loss_sum.double()
+        self.count += count.double()
+        self.weighted += weighted
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+
+def per_modality(names: list[str], loss_sum: torch.Tensor, count: torch.Tensor, prefix: str = "loss/") -> dict:
+    return {f"{prefix}{n}": (loss_sum[i] / count[i]).item() for i, n in enumerate(names) if count[i] > 0}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None,
+                 overwrite: bool = False, progress: bool = True):
+        check_trainable(cfg, where)
+        self.cfg, self.where, self.progress = cfg, where, progress
+        self.accelerator = acc = _accelerator(cfg)
+        self.micro, self.accum = _batch_shape(cfg, acc.num_processes, where)
+        self.run_dir, self.resume_from = _prepare_run_dir(cfg, resume, overwrite, where)
+        with acc.main_process_first():  # one process prepares the shards, the others then find them
+            shards = ensure_prepared(cfg, where)
+        if acc.is_main_process:
+            if overwrite and self.resume_from is None and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+            self._copy_tokenizers()
+        acc.wait_for_everyone()
+
+        torch.manual_seed(cfg.train.seed)
+        model = MoTTransformer(cfg.model)
+        self.vocab, self.names = model.vocab, [m.name for m in cfg.model.modalities]
+        self.loss_weights = torch.tensor([m.loss_weight for m in cfg.model.modalities], device=acc.device)
+        if cfg.train.activation_checkpointing:
+            _apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            for block in model.blocks:  # one compiled block serves every layer
+                block.compile()
+        optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(optimizer, cfg.train)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+        self.train_loader, self.eval_loader = build_loaders(cfg, shards, self.vocab, self.micro,
+                                                            acc.process_index, acc.num_processes)
+        self.eval_start = self.eval_loader.state_dict() if self.eval_loader is not None else None
+        self.train_batches = RankSlice(self.train_loader, acc.process_index, acc.num_processes)
+
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        report = size_report(cfg.model, cfg.train.seq_len, attention="causal")
+        self.flops_per_token = report.flops_forward_backward_mixed
+        self.peak = peak_flops(acc.device, cfg.train.peak_tflops)
+        self.step, self.tokens_seen, self.wall_s, self.skipped, self.skipped_in_row = 0, 0, 0.0, 0, 0
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ------------------------------------------------------------ setup helpers
+
+    def _copy_tokenizers(self) -> None:
+        source = self.cfg.data.tokenizers
+        target = self.run_dir / "tokenizers"
+        if source and Path(source).is_dir() and not target.exists():
+            shutil.copytree(source, target)
+
+    def _load(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        optimizer_state, rng, meta = ckpt.load_training_state(path)
+        saved_model = meta["config"]["model"]
+        diff = _model_diff(saved_model, config_to_dict(self.cfg)["model"])
+        if diff:
+            raise ConfigError(f"{self.where}: cannot resume from {path}: the model differs from the checkpoint's "
+                              f"({'; '.join(diff)})")
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, ckpt.load_model_state(path), options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.train_loader.load_state_dict(meta["loader"])
+        ckpt.restore_rng(rng, meta.get("python_rng"))
+        self.step, self.tokens_seen, self.wall_s = meta["step"], meta["tokens_seen"], meta["wall_s"]
+        self.skipped = meta.get("skipped_steps", 0)
+        if self.accelerator.is_main_process:
+            print(f"mot: resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------ one step
+
+    def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-modality loss sums and prediction counts of one micro-batch."""
+        logits = self.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask())
+        _, loss_sum, count = next_token_loss(logits, batch.tokens, batch.modality, len(self.names))
+        return loss_sum, count
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One optimizer step (forward/backward of `accum` micro-batches). Returns the per-modality loss sums
+        and counts over all processes, the weighted loss and the gradient norm (before clipping)."""
+        acc, n = self.accelerator, len(self.names)
+        predictions = self.accum * self.micro * (self.cfg.train.seq_len - 1)
+        loss_sum = torch.zeros(n, device=acc.device)
+        count = torch.zeros(n, device=acc.device)
+        for micro in range(self.accum):
+            batch = next(self.train_batches).to(acc.device, non_blocking=True)
+            # Gradients are all-reduced once, on the last micro-batch.
+            sync = nullcontext() if micro == self.accum - 1 else acc.no_sync(self.model)
+            with sync:
+                micro_sum, micro_count = self._loss(batch)
+                acc.backward((micro_sum * self.loss_weights).sum() / predictions)
+            loss_sum += micro_sum.detach()
+            count += micro_count
+        clip = self.cfg.train.grad_clip or math.inf
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)  # the same on every process
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum")
+        totals = torch.cat([totals, grad_norm.detach().reshape(1).float()]).cpu()  # the step's one host sync
+        loss_sum, count, grad_norm = totals[:n], totals[n : 2 * n], float(totals[-1])
+        weighted = float((loss_sum * self.loss_weights.cpu()).sum() / count.sum().clamp(min=1))
+        return loss_sum, count, weighted, grad_norm
+
+    def _non_finite(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: float) -> str | None:
+        bad = [n for i, n in enumerate(self.names) if not math.isfinite(float(loss_sum[i]))]
+        if bad:
+            losses = per_modality(self.names, loss_sum, count, prefix="")
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+            return f"step {self.step + 1}: non-finite loss for modality {', '.join(bad)} ({shown})"
+        if not math.isfinite(grad_norm):
+            return f"step {self.step + 1}: non-finite gradient norm ({grad_norm}) with finite losses"
+        return None
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_loader is None:
+            return {}
+        acc, n = self.accelerator, len(self.names)
+        self.eval_loader.load_state_dict(self.eval_start)  # the same held-out batches every time
+        batches = RankSlice(self.eval_loader, acc.process_index, acc.num_processes)
+        loss_sum = torch.zeros(n, device=acc.device)
+        count = torch.zeros(n, device=acc.device)
+        self.model.eval()
+        for _ in range(self.cfg.train.eval_batches):
+            s, c = self._loss(next(batches).to(acc.device))
+            loss_sum += s
+            count += c
+        self.model.train()
+        totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum").cpu().double()
+        loss_sum, count = totals[:n], totals[n:]
+        out = {"loss": float((loss_sum * self.loss_weights.cpu()).sum() / count.sum().clamp(min=1))}
+        out.update(per_modality(self.names, loss_sum, count))
+        out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items()) if k.startswith("loss/")})
+        out.update({f"tokens/{self.names[i]}": int(count[i]) for i in range(n)})
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        acc = self.accelerator
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)  # collective under FSDP
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        path = None
+        if acc.is_main_process:
+            meta = {
+                "tokens_seen": self.tokens_seen, "wall_s": self.wall_s, "skipped_steps": self.skipped,
+                "flops_seen": self.tokens_seen * self.flops_per_token,
+                "scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(),
+                "python_rng": ckpt.python_rng_state(), "config": config_to_dict(self.cfg),
+                "tokenizers": str(Path(self.cfg.data.tokenizers).resolve()) if self.cfg.data.tokenizers else "",
+            }
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optimizer_state,
+                                        meta, keep=self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train up to step `until` (default train.steps; the schedule always spans train.steps)."""
+        t, acc = self.cfg.train, self.accelerator
+        until = t.steps if until is None else min(until, t.steps)
+        main = acc.is_main_process
+        log = MetricsLog(self.run_dir, t.tensorboard, resume_step=self.step) if main else None
+        window = _Window(len(self.names))
+        result = TrainResult(self.run_dir, self.step, {})
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
+                   disable=not (main and self.progress))
+        self.model.train()
+        try:
+            while self.step < until:
+                start = time.perf_counter()
+                loss_sum, count, weighted, grad_norm = self.train_step()
+                problem = self._non_finite(loss_sum, count, grad_norm)
+                if problem is None:
+                    self.optimizer.step()
+                    self.skipped_in_row = 0
+                else:
+                    self._handle_non_finite(problem, log)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                seconds = time.perf_counter() - start
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                self.wall_s += seconds
+                result.losses.append(weighted)
+                if problem is None:
+                    window.add(loss_sum, count, weighted, self.tokens_per_step, seconds)
+                bar.update(1)
+
+                if main and window.steps and (self.step % max(t.log_every, 1) == 0 or self.step == until):
+                    row = self._train_row(window, lr, grad_norm)
+                    log.write("train", self.step, row)
+                    result.train_loss = {k: v for k, v in row.items() if k.startswith("loss")}
+                    bar.set_postfix(self._postfix(row), refresh=False)
+                    window = _Window(len(self.names))
+                final = self.step == until
+                if final or (t.eval_every and self.step % t.eval_every == 0):
+                    evaluation = self.evaluate()
+                    if main and evaluation:
+                        log.write("eval", self.step, {**evaluation, **self._counters()})
+                        result.eval_loss = {k: v for k, v in evaluation.items() if k.startswith("loss")}
+                        plot_loss_curves(log.path, self.run_dir / "loss_curves.png", self.cfg.name)
+                if final or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+                    result.checkpoint = self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if main:
+            result.plot = plot_loss_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curves.png",
+                                           self.cfg.name)
+            summary = {"step": self.step, "train": result.train_loss, "eval": result.eval_loss,
+                       "skipped_steps": self.skipped, **self._counters(),
+                       "checkpoint": str(result.checkpoint), "plot": str(result.plot)}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        result.step, result.skipped_steps = self.step, self.skipped
+        return result
+
+    def _handle_non_finite(self, problem: str, log: MetricsLog | None) -> None:
+        t = self.cfg.train
+        last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if log is not None:
+            log.write("error", self.step + 1, {"message": problem})
+        self.skipped += 1
+        self.skipped_in_row += 1
+        if t.on_nonfinite == "stop" or self.skipped_in_row > t.max_skipped_steps:
+            why = "" if t.on_nonfinite == "stop" else f" ({self.skipped_in_row} updates in a row skipped)"
+            raise NonFiniteError(f"{problem}{why}. Training stopped; the last checkpoint "
+                                 f"({last or 'none yet'}) is untouched. Set train.on_nonfinite='skip' to drop "
+                                 "such updates instead.")
+        tqdm.write(f"mot: {problem}: update skipped")
+
+    def _counters(self) -> dict[str, float]:
+        return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token,
+                "wall_s": round(self.wall_s, 3)}
+
+    def _train_row(self, window: _Window, lr: float, grad_norm: float) -> dict[str, Any]:
+        tokens_per_s = window.tokens / window.seconds
+        row: dict[str, Any] = {"loss": window.weighted / window.steps}
+        row.update(per_modality(self.names, window.loss_sum, window.count))
+        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                    "step_ms": 1e3 * window.seconds / window.steps, **self._counters()})
+        if self.peak:
+            row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.accelerator.num_processes)
+        return row
+
+    def _postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        out = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")}
+        out["tok/s"] = f"{row['tokens_per_s']:.0f}"
+        if "mfu" in row:
+            out["mfu"] = f"{100 * row['mfu']:.1f}%"
+        return out
+
+
+def train(cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    return Trainer(cfg, where, resume, overwrite, progress).fit()

@@ -1,0 +1,308 @@
+"""The trainer on CPU: schedule, decay groups, weighted loss, accumulation, exact resume, faults, logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from mot.config import DataConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict
+from mot.data.documents import AudioSegment, Document, ImageSegment, TextSegment
+from mot.data.prepare import prepare
+from mot.train import checkpoint as ckpt
+from mot.train.errors import NonFiniteError
+from mot.train.metrics_log import read_log
+from mot.train.optim import lr_factor, parameter_groups
+from mot.train.trainer import Trainer, train
+from mot.vocab import UnifiedVocab
+from tests.conftest import tiny_config
+from tests.fakes import FakeImage, FakeSpeech, FakeText
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """60 documents mixing text, 16x16 images (16 codes each) and short waveforms."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(60):
+        segments = [TextSegment("".join(chr(97 + c) for c in rng.integers(0, 26, 4 + i % 9)))]
+        if i % 3 != 2:
+            segments.append(ImageSegment(data=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+        if i % 2:
+            segments.append(AudioSegment(data=rng.normal(0, 0.3, 80 * (5 + i % 7)).astype(np.float32),
+                                         sample_rate=8000))
+        docs.append(Document(f"doc-{i:03d}", segments))
+    out = tmp_path_factory.mktemp("shards")
+    prepare(docs, {"text": FakeText(), "image": FakeImage(), "speech": FakeSpeech()},
+            UnifiedVocab(tiny_config()), out, num_workers=0, shard_size=16, show_progress=False)
+    return out
+
+
+def run_config(shards: Path, out_dir: Path, **train) -> RunConfig:
+    base = TrainConfig(seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4,
+                       eval_batches=2, checkpoint_every=4, keep_checkpoints=2, tensorboard=False,
+                       out_dir=str(out_dir))
+    return RunConfig(name="tiny", model=tiny_config(), train=dataclasses.replace(base, **train),
+                     data=DataConfig(shards=str(shards), eval_fraction=0.1))
+
+
+# ---------------------------------------------------------------- optimizer pieces
+
+
+def test_warmup_then_cosine_to_the_floor_by_hand():
+    cfg = TrainConfig(steps=11, warmup_steps=2, lr=1.0, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(11)]
+    assert factors[:2] == [0.5, 1.0]  # (step + 1) / warmup
+    assert factors[2] == pytest.approx(1.0)  # cosine starts at the peak ...
+    # ... is half way at step 2 + 8/2 = 6: 0.1 + 0.9 * 0.5 * (1 + cos(pi / 2)) = 0.55
+    assert factors[6] == pytest.approx(0.55)
+    assert factors[10] == pytest.approx(0.1)  # ... and ends at lr * min_lr_ratio on the last step
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
+    constant = dataclasses.replace(cfg, schedule="constant")
+    assert [lr_factor(s, constant) for s in (0, 1, 5, 10)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_weight_decay_reaches_matrices_only():
+    from mot.model import MoTTransformer
+
+    model = MoTTransformer(tiny_config())
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    kept = sorted(names[id(p)] for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith(("qkv.weight", "out.weight", "w13.weight", "w2.weight")) or n == "head.weight"
+               for n in decayed)
+    assert all("norm" in n or n == "embed.weight" for n in kept)
+    assert len(decayed) + len(kept) == len(names)
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_weighted_loss_equals_a_per_token_loop(shards, tmp_path):
+    weights = [1.0, 0.5, 2.0]
+    cfg = run_config(shards, tmp_path)
+    for mod, w in zip(cfg.model.modalities, weights, strict=True):
+        mod.loss_weight = w
+    trainer = Trainer(cfg, progress=False)
+    batch = next(trainer.train_batches)
+    with torch.no_grad():
+        loss_sum, count = trainer._loss(batch)
+        logits = trainer.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask()).double()
+    expected_sum, expected_count, total = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0.0
+    for b in range(batch.tokens.shape[0]):
+        for t in range(batch.tokens.shape[1] - 1):
+            target = batch.tokens[b, t + 1]
+            m = int(batch.modality[b, t + 1])
+            nll = -F.log_softmax(logits[b, t], -1)[target]
+            expected_sum[m] += nll
+            expected_count[m] += 1
+            total += weights[m] * nll.item()
+    torch.testing.assert_close(loss_sum.double(), expected_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(count, expected_count)
+    assert count.min() > 0, "the fixture should put every modality in a batch"
+    predictions = batch.tokens.shape[0] * (batch.tokens.shape[1] - 1)
+    weighted = (loss_sum * trainer.loss_weights).sum() / predictions  # what train_step back-propagates
+    assert weighted.item() == pytest.approx(total / predictions, rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
+    one = train(run_config(shards, tmp_path / "a", micro_batch_size=4, steps=3), progress=False)
+    two = train(run_config(shards, tmp_path / "b", micro_batch_size=2, steps=3), progress=False)
+    np.testing.assert_allclose(one.losses, two.losses, rtol=1e-5)
+    a, b = load_file(one.checkpoint / "model.safetensors"), load_file(two.checkpoint / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_training_lowers_the_held_out_loss_of_every_modality(shards, tmp_path):
+    result = train(run_config(shards, tmp_path, steps=40, eval_every=40, checkpoint_every=0), progress=False)
+    rows = [r for r in read_log(result.run_dir / "log.jsonl") if r["kind"] == "train"]
+    first = rows[0]
+    for name in ("text", "image", "speech"):
+        assert result.eval_loss[f"loss/{name}"] < first[f"loss/{name}"] - 0.3, name
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_resume_continues_exactly(shards, tmp_path):
+    straight = train(run_config(shards, tmp_path / "straight", steps=8, checkpoint_every=4), progress=False)
+    cut = run_config(shards, tmp_path / "cut", steps=8, checkpoint_every=4)
+    first_half = Trainer(cut, progress=False).fit(until=4)  # as if killed right after the checkpoint
+    second_half = train(cut, resume=True, progress=False)
+    assert first_half.losses + second_half.losses == straight.losses  # bit for bit
+    a = load_file(straight.checkpoint / "model.safetensors")
+    b = load_file(second_half.checkpoint / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_log(second_half.run_dir / "log.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+
+def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp_path):
+    result = train(run_config(shards, tmp_path, steps=8, checkpoint_every=2, keep_checkpoints=2), progress=False)
+    names = [p.name for p in ckpt.list_checkpoints(result.run_dir / "checkpoints")]
+    assert names == ["step-0000006", "step-0000008"]
+    model, cfg, _ = ckpt.load_for_inference(result.run_dir)
+    assert cfg.model == tiny_config()
+    tokens = torch.randint(0, 80, (2, 16), generator=torch.Generator().manual_seed(0))
+    weights = load_file(result.checkpoint / "model.safetensors")
+    assert torch.equal(model.state_dict()["embed.weight"], weights["embed.weight"])
+    assert model(tokens).shape == (2, 16, UnifiedVocab(tiny_config()).size)
+
+
+def test_existing_run_needs_resume_or_overwrite_and_resume_needs_the_same_model(shards, tmp_path):
+    from mot.config import ConfigError
+
+    cfg = run_config(shards, tmp_path, steps=4)
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, progress=False)
+    other = run_config(shards, tmp_path, steps=8)
+    other.model.dim = 64
+    with pytest.raises(ConfigError, match="dim: 32 -> 64"):
+        train(other, resume=True, progress=False)
+    assert train(cfg, overwrite=True, progress=False).step == 4
+
+
+def test_non_finite_loss_stops_naming_step_and_modality_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
+    cfg = run_config(shards, tmp_path, steps=8, checkpoint_every=2)
+    trainer = Trainer(cfg, progress=False)
+    real_loss = Trainer._loss
+
+    def poisoned(self, batch):
+        loss_sum, count = real_loss(self, batch)
+        if self.step == 2:  # the third update
+            loss_sum = loss_sum + torch.tensor([0.0, float("nan"), 0.0])
+        return loss_sum, count
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss for modality image") as err:
+        trainer.fit()
+    assert "step-0000002" in str(err.value)
+    saved = ckpt.list_checkpoints(tmp_path / "tiny" / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002"]
+    state = ckpt.load_model_state(saved[0])
+    assert all(torch.isfinite(t).all() for t in state.values())
+    rows = read_log(tmp_path / "tiny" / "log.jsonl")
+    assert rows[-1]["kind"] == "error" and rows[-1]["step"] == 3
+
+    skip = Trainer(run_config(shards, tmp_path / "skip", steps=6, on_nonfinite="skip"), progress=False)
+    result = skip.fit()
+    assert result.step == 6 and result.skipped_steps == 1
+    assert math.isnan(result.losses[2]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+    assert all(torch.isfinite(p).all() for p in skip.model.parameters())
+
+
+def _write_recipe(path: Path, cfg: RunConfig) -> None:
+    """The config as a TOML recipe (JSON scalars and lists are valid TOML values)."""
+    data = config_to_dict(cfg)
+    lines = [f"name = {json.dumps(data['name'])}"]
+    for table in ("train", "data"):
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in data[table].items()]
+    lines.append("[model]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in data["model"].items() if k != "modalities"]
+    for mod in data["model"]["modalities"]:
+        lines.append("[[model.modalities]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in mod.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_killing_the_process_while_it_writes_a_checkpoint_leaves_the_previous_one_loadable(shards, tmp_path):
+    cfg = run_config(shards, tmp_path / "runs", steps=100000, checkpoint_every=1, keep_checkpoints=2,
+                     eval_every=0, log_every=50)
+    cfg.model.dim, cfg.model.ffn_dim = 128, 512  # a few MB per checkpoint, so a write takes a while
+    recipe = tmp_path / "recipe.toml"
+    _write_recipe(recipe, cfg)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    folder = tmp_path / "runs" / "tiny" / "checkpoints"
+    killed_mid_write = False
+    for _attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "mot.cli", "train", str(recipe), "--overwrite"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                done = len(ckpt.list_checkpoints(folder))
+                if done >= 2 and any(p.name.startswith(".tmp-") for p in folder.iterdir()):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_mid_write = True
+                    break
+                time.sleep(0.0005)
+        finally:
+            proc.kill()
+            stderr = proc.communicate()[1].decode()
+        assert proc.returncode == -signal.SIGKILL, stderr
+        if killed_mid_write:
+            break
+    assert killed_mid_write, "never caught the process inside a checkpoint write"
+    complete = ckpt.list_checkpoints(folder)
+    assert complete, "the kill left no complete checkpoint"
+    for path in complete:  # every listed checkpoint loads
+        ckpt.load_training_state(path)
+        state = ckpt.load_model_state(path)
+        assert state["embed.weight"].shape[1] == 128
+    # ... and the run resumes from the newest one, clearing the half-written folder.
+    last = int(complete[-1].name[5:])
+    cfg.train.steps = last + 1
+    result = train(cfg, resume=True, progress=False)
+    assert result.step == last + 1
+    assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------- logs and the command line
+
+
+def test_logs_tensorboard_plot_and_summary(shards, tmp_path):
+    result = train(run_config(shards, tmp_path, steps=8, eval_every=4, tensorboard=True), progress=False)
+    rows = read_log(result.run_dir / "log.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    for key in ("loss", "loss/text", "loss/image", "loss/speech", "lr", "grad_norm", "tokens_per_s", "flops"):
+        assert key in train_rows[-1], key
+    assert eval_rows[-1]["ppl/text"] == pytest.approx(math.exp(eval_rows[-1]["loss/text"]))
+    assert eval_rows[1]["flops"] == 2 * eval_rows[0]["flops"] > 0
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["eval"]["loss/image"] == result.eval_loss["loss/image"]
+
+
+def test_train_command_prepares_the_demo_corpus_and_trains(tmp_path, monkeypatch):
+    """The README's main job, shrunk: a tiny demo corpus is generated, prepared with the shipped tokenizers
+    and trained on through the command line."""
+    from mot.cli import main
+
+    recipe = ROOT / "recipes" / "demo.toml"
+    overrides = [f"--data.documents={tmp_path}/demo/documents.jsonl", f"--data.shards={tmp_path}/demo/shards",
+                 f"--data.tokenizers={ROOT}/tokenizers/demo", f"--train.out_dir={tmp_path}/runs",
+                 "--train.steps=4", "--train.warmup_steps=1", "--train.eval_every=2", "--train.batch_size=2",
+                 "--train.seq_len=128", "--train.tensorboard=false"]
+    from mot.data import demo
+
+    real = demo.generate_demo_corpus
+    monkeypatch.setattr(demo, "generate_demo_corpus", lambda out, **kw: real(out, scale=0.01, progress=False))
+    assert main(["train", str(recipe), *overrides]) == 0
+    run = tmp_path / "runs" / "demo"
+    assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-0000004"
+    assert (run / "loss_curves.png").is_file() and (run / "tokenizers" / "image" / "vqgan.safetensors").is_file()
+    manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
+    assert manifest["documents"] > 0 and set(manifest["tokenizers"]) == {"text", "image", "speech"}
