@@ -128,7 +128,7 @@ class TrainConfig:
     out_dir: str = "runs"  # the run writes into out_dir/name
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # global batches (train.batch_size sequences each) per evaluation
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 3
     tensorboard: bool = True

@@ -125,9 +125,27 @@ def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
     one = train(run_config(shards, tmp_path / "a", micro_batch_size=4, steps=3), progress=False)
     two = train(run_config(shards, tmp_path / "b", micro_batch_size=2, steps=3), progress=False)
     np.testing.assert_allclose(one.losses, two.losses, rtol=1e-5)
+    # Evaluation reads the same held-out sequences however the batch is split.
+    assert one.eval_loss.keys() == two.eval_loss.keys()
+    for key in one.eval_loss:
+        assert one.eval_loss[key] == pytest.approx(two.eval_loss[key], rel=1e-5), key
     a, b = load_file(one.checkpoint / "model.safetensors"), load_file(two.checkpoint / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_each_process_takes_its_rows_of_the_same_global_batch(shards):
+    from mot.data.loader import PackedLoader
+    from mot.train.data import RankSlice
+
+    vocab = UnifiedVocab(tiny_config())
+    whole = [next(PackedLoader(shards, vocab, 6, 32, seed=1)) for _ in range(1)][0]
+    parts = [next(RankSlice(PackedLoader(shards, vocab, 6, 32, seed=1), rank, 3)) for rank in range(3)]
+    for field_name in ("tokens", "modality", "positions", "document_ids"):
+        joined = torch.cat([getattr(p, field_name) for p in parts])
+        assert torch.equal(joined, getattr(whole, field_name)), field_name
+    with pytest.raises(ValueError, match="does not split over 4"):
+        RankSlice(PackedLoader(shards, vocab, 6, 32), 0, 4)
 
 
 def test_training_lowers_the_held_out_loss_of_every_modality(shards, tmp_path):

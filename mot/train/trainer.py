@@ -272,7 +272,7 @@ class Trainer:
         loss_sum = torch.zeros(n, device=acc.device)
         count = torch.zeros(n, device=acc.device)
         self.model.eval()
-        for _ in range(self.cfg.train.eval_batches):
+        for _ in range(self.cfg.train.eval_batches * self.accum):  # the same sequences on any device count
             s, c = self._loss(next(batches).to(acc.device))
             loss_sum += s
             count += c
