@@ -1,7 +1,8 @@
 """The `mot` command: one sub-command per task.
 
     mot flops RECIPE.toml [RECIPE ...] [--seq-len N] [--key=value ...]
-    mot train [RECIPE.toml] [--key=value ...]      (same as python train_mot.py)
+    mot train [RECIPE.toml] [--resume[=CKPT]] [--overwrite] [--key=value ...]   (same as python train_mot.py)
+    mot compare RUN_DIR RUN_DIR [...] [--out DIR] | mot compare --recipe R.toml [--key=value ...]
     mot demo-data | tokenizer train|encode|decode | prepare   (see mot/data_commands.py)
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mot.compare import CompareError
 from mot.config import ConfigError, RunConfig, load_config
 from mot.data.prepare import PrepareError
 from mot.data_commands import add_commands as add_data_commands
@@ -143,6 +145,41 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    import dataclasses
+
+    from mot.compare import compare_runs, markdown_table
+    from mot.train.trainer import train
+
+    if args.recipe:
+        if args.runs:
+            raise ConfigError("mot compare: give run folders or --recipe, not both")
+        cfg = load_config(args.recipe, overrides)
+        if cfg.model.is_dense:
+            raise ConfigError(f"{args.recipe}: model.untie is empty: the recipe is already the dense baseline")
+        where = str(args.recipe) + (f" (with overrides {overrides})" if overrides else "")
+        runs = []
+        for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
+            # Same seed, same data order: only the untied parameters differ.
+            variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}", model=model)
+            print(f"mot compare: training {variant.name}")
+            runs.append(train(variant, where, resume=args.resume, overwrite=args.overwrite).run_dir)
+        out = Path(args.out or Path(cfg.train.out_dir) / f"{cfg.name}-compare")
+    else:
+        if len(args.runs) < 2:
+            raise ConfigError("mot compare: give two or more run folders, or --recipe R.toml")
+        if overrides:
+            raise ConfigError(f"mot compare: overrides {overrides} only apply with --recipe")
+        runs, out = args.runs, Path(args.out or "compare")
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    report = compare_runs(runs, out)
+    console = wide_console()
+    console.print(markdown_table(report, report["keys"]))
+    console.print(f"written: {out / 'compare.png'}, {out / 'compare.md'}, {out / 'compare.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the run's latest checkpoint, or from CKPT (a step-* folder or a run folder)")
     p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start again")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="MoT against dense: eval loss vs training FLOPs, FLOPs fraction to match")
+    p.add_argument("runs", nargs="*", help="finished run folders (runs/NAME); the dense one is the reference")
+    p.add_argument("--recipe", default=None, help="train the dense and the MoT variant of this recipe first")
+    p.add_argument("--out", default=None, help="output folder (default: compare/, or runs/NAME-compare)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help="with --recipe: retrain runs that already exist")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -169,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _split_overrides(extra, parser)
     try:
         return args.func(args, overrides)
-    except (ConfigError, TokenizerError, PrepareError, CheckpointError) as err:
+    except (ConfigError, TokenizerError, PrepareError, CheckpointError, CompareError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:

@@ -31,5 +31,5 @@ def test_bad_override_fails_with_the_key_named():
 def test_train_mot_checks_the_recipe_before_any_work():
     result = _run("train_mot.py", "--train.warmup_steps=5000", "--train.out_dir=/nonexistent/runs")
     assert result.returncode == 2
-    assert "'train.warmup_steps' (5000) exceeds train.steps (800)" in result.stderr
+    assert "'train.warmup_steps' (5000) exceeds train.steps (600)" in result.stderr
     assert not Path("/nonexistent/runs").exists()

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mot.config import DataConfig, RunConfig, TrainConfig, config_from_dict, config_to_dict
-from mot.data.documents import AudioSegment, Document, ImageSegment, TextSegment
-from mot.data.prepare import prepare
+from mot.config import TrainConfig, config_from_dict, config_to_dict
 from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import read_log
@@ -28,36 +26,16 @@ from mot.train.optim import lr_factor, parameter_groups
 from mot.train.trainer import Trainer, train
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
-from tests.fakes import FakeImage, FakeSpeech, FakeText
+from tests.runs import make_shards, run_config, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """60 documents mixing text, 16x16 images (16 codes each) and short waveforms."""
-    rng = np.random.default_rng(0)
-    docs = []
-    for i in range(60):
-        segments = [TextSegment("".join(chr(97 + c) for c in rng.integers(0, 26, 4 + i % 9)))]
-        if i % 3 != 2:
-            segments.append(ImageSegment(data=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
-        if i % 2:
-            segments.append(AudioSegment(data=rng.normal(0, 0.3, 80 * (5 + i % 7)).astype(np.float32),
-                                         sample_rate=8000))
-        docs.append(Document(f"doc-{i:03d}", segments))
-    out = tmp_path_factory.mktemp("shards")
-    prepare(docs, {"text": FakeText(), "image": FakeImage(), "speech": FakeSpeech()},
-            UnifiedVocab(tiny_config()), out, num_workers=0, shard_size=16, show_progress=False)
-    return out
+    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def run_config(shards: Path, out_dir: Path, **train) -> RunConfig:
-    base = TrainConfig(seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4,
-                       eval_batches=2, checkpoint_every=4, keep_checkpoints=2, tensorboard=False,
-                       out_dir=str(out_dir))
-    return RunConfig(name="tiny", model=tiny_config(), train=dataclasses.replace(base, **train),
-                     data=DataConfig(shards=str(shards), eval_fraction=0.1))
 
 
 # ---------------------------------------------------------------- optimizer pieces
@@ -227,27 +205,12 @@ def test_non_finite_loss_stops_naming_step_and_modality_and_keeps_the_checkpoint
     assert all(torch.isfinite(p).all() for p in skip.model.parameters())
 
 
-def _write_recipe(path: Path, cfg: RunConfig) -> None:
-    """The config as a TOML recipe (JSON scalars and lists are valid TOML values)."""
-    data = config_to_dict(cfg)
-    lines = [f"name = {json.dumps(data['name'])}"]
-    for table in ("train", "data"):
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in data[table].items()]
-    lines.append("[model]")
-    lines += [f"{k} = {json.dumps(v)}" for k, v in data["model"].items() if k != "modalities"]
-    for mod in data["model"]["modalities"]:
-        lines.append("[[model.modalities]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in mod.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def test_killing_the_process_while_it_writes_a_checkpoint_leaves_the_previous_one_loadable(shards, tmp_path):
     cfg = run_config(shards, tmp_path / "runs", steps=100000, checkpoint_every=1, keep_checkpoints=2,
                      eval_every=0, log_every=50)
     cfg.model.dim, cfg.model.ffn_dim = 128, 512  # a few MB per checkpoint, so a write takes a while
     recipe = tmp_path / "recipe.toml"
-    _write_recipe(recipe, cfg)
+    write_recipe(recipe, cfg)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     folder = tmp_path / "runs" / "tiny" / "checkpoints"
     killed_mid_write = False
