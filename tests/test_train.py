@@ -112,6 +112,17 @@ def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(shards, tmp_path):
+    plain = train(run_config(shards, tmp_path / "plain", steps=3), progress=False)
+    recomputed = train(run_config(shards, tmp_path / "ac", steps=3, activation_checkpointing=True), progress=False)
+    np.testing.assert_allclose(plain.losses, recomputed.losses, rtol=1e-6)
+    a = load_file(plain.checkpoint / "model.safetensors")
+    b = load_file(recomputed.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys()  # the composable API keeps parameter names
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
 def test_each_process_takes_its_rows_of_the_same_global_batch(shards):
     from mot.data.loader import PackedLoader
     from mot.train.data import RankSlice
