@@ -23,6 +23,7 @@ from mot.config import ConfigError, RunConfig, load_config
 from mot.data.prepare import PrepareError
 from mot.data_commands import add_commands as add_data_commands
 from mot.flops import SizeReport, dense_baseline, size_report
+from mot.generate.cli import add_commands as add_generate_commands
 from mot.tokenize.base import TokenizerError
 from mot.train.checkpoint import CheckpointError
 from mot.train.errors import NonFiniteError
@@ -142,6 +143,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
                       f"{math.exp(eval_loss):.2f}" if eval_loss is not None else "-")
     console.print(table)
     console.print(f"checkpoint: {result.checkpoint}\nloss curves: {result.plot}")
+    if args.recipe is None:  # the README's main job: show what the demo model generates
+        from mot.generate.demo_eval import write_demo_samples
+
+        report = write_demo_samples(result.run_dir)
+        console.print(f"samples: {', '.join(report['pages'])}\ncolour grid: {report['grid']}\n"
+                      f"text -> image colour match: {100 * report['rate']:.1f}% of {report['images']} images "
+                      f"(chance {100 * report['chance']:.1f}%)")
     return 0
 
 
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     add_data_commands(sub)
+    add_generate_commands(sub)
 
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")

@@ -98,6 +98,9 @@ class DataConfig:
     prepare_workers: int = 2
     eval_fraction: float = 0.02  # documents held out for evaluation (chosen by a hash of their id)
     positions: Literal["continue", "restart"] = "continue"  # rotary positions of a document split over sequences
+    # Probability of removing a training document's leading caption before its first image or speech span,
+    # so that the model also learns images and speech without a condition (classifier-free guidance).
+    condition_dropout: float = 0.0
 
 
 @dataclass
@@ -119,6 +122,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU
     compile: bool = False
+    flex_attention: bool = True  # on CUDA, document masks as FlexAttention block masks (else dense SDPA masks)
     activation_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes
     # A non-finite loss or gradient: "stop" names the step and modality; "skip" drops that update.
@@ -209,6 +213,8 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
     d = cfg.data
     if not 0 <= d.eval_fraction < 1:
         fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    if not 0 <= d.condition_dropout <= 1:
+        fail("data.condition_dropout", f"must be in [0, 1], got {d.condition_dropout}")
     if d.prepare_workers < 0:
         fail("data.prepare_workers", f"must be >= 0, got {d.prepare_workers}")
     if d.demo and not d.documents:

@@ -143,3 +143,35 @@ def test_shards_for_another_vocabulary_are_refused(shards):
     other = UnifiedVocab(tiny_config(n_special_tokens=16))
     with pytest.raises(ValueError, match="vocabulary layout"):
         PackedLoader(shards, other, BATCH, SEQ_LEN)
+
+
+def test_condition_dropout_removes_leading_captions_reproducibly(tmp_path):
+    from mot.data.documents import ImageSegment
+    from tests.fakes import FakeImage
+
+    rng = np.random.default_rng(0)
+    docs = [Document(f"d{i}", [TextSegment("caption"), ImageSegment(data=rng.integers(0, 255, (16, 16, 3),
+                                                                                     dtype=np.uint8))])
+            for i in range(40)]
+    docs.append(Document("text-only", [TextSegment("no image here")]))
+    vocab = UnifiedVocab(tiny_config())
+    prepare(docs, {"text": FakeText(), "image": FakeImage()}, vocab, tmp_path, num_workers=0, show_progress=False)
+    bod, boi = vocab.special_id("<bod>"), vocab.special_id("<boi>")
+
+    def documents(p: float, epoch: int = 0) -> list[np.ndarray]:
+        loader = PackedLoader(tmp_path, vocab, 1, 16, condition_dropout=p)
+        loader.epoch = epoch
+        return [loader._document(i) for i in range(len(loader.corpus.ids))]
+
+    whole, none, half = documents(0.0), documents(1.0), documents(0.5)
+    captioned = [i for i, d in enumerate(whole) if boi in d]
+    assert len(captioned) == 40
+    for i in captioned:  # p = 1: every caption gone, the image kept whole
+        assert list(none[i][:2]) == [bod, boi]
+        np.testing.assert_array_equal(none[i][1:], whole[i][list(whole[i]).index(boi):])
+    text_only = len(whole) - 1 if boi not in whole[-1] else None
+    assert text_only is not None and np.array_equal(none[text_only], whole[text_only])  # nothing to drop
+    dropped = sum(len(half[i]) < len(whole[i]) for i in captioned)
+    assert 10 <= dropped <= 30
+    assert all(np.array_equal(a, b) for a, b in zip(half, documents(0.5), strict=True))  # reproducible
+    assert any(not np.array_equal(a, b) for a, b in zip(half, documents(0.5, epoch=1), strict=True))

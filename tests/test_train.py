@@ -298,3 +298,11 @@ def test_train_command_prepares_the_demo_corpus_and_trains(tmp_path, monkeypatch
     assert (run / "loss_curves.png").is_file() and (run / "tokenizers" / "image" / "vqgan.safetensors").is_file()
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert manifest["documents"] > 0 and set(manifest["tokenizers"]) == {"text", "image", "speech"}
+
+    # The main job's samples: colour-match score, grid and pages, from the checkpoint just written.
+    from mot.generate.demo_eval import write_demo_samples
+
+    report = write_demo_samples(run, per_colour=1)
+    assert report["images"] == 6 and 0 <= report["rate"] <= 1 and report["chance"] == pytest.approx(1 / 6)
+    assert (run / "samples" / "colour_grid.png").is_file()
+    assert all(Path(p).is_file() for p in report["pages"])

@@ -93,6 +93,7 @@ class PackedLoader:
         positions: Literal["continue", "restart"] = "continue",
         rank: int = 0,
         world_size: int = 1,
+        condition_dropout: float = 0.0,
     ):
         self.corpus = shards if isinstance(shards, ShardedCorpus) else ShardedCorpus(shards)
         if self.corpus.manifest["vocab"] != vocab_layout(vocab):
@@ -109,6 +110,12 @@ class PackedLoader:
         self.vocab, self.batch_size, self.seq_len = vocab, batch_size, seq_len
         self.seed, self.split, self.eval_fraction, self.split_seed = seed, split, eval_fraction, split_seed
         self.shuffle, self.positions, self.rank, self.world_size = shuffle, positions, rank, world_size
+        if not 0.0 <= condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}")
+        self.condition_dropout = condition_dropout
+        self._span_opens = np.array([vocab.special_id("<boi>"), vocab.special_id("<bos>")])
+        self._bod = vocab.special_id("<bod>")
+        self._text = next((r for r in vocab.ranges if r.name == "text"), None)
         held = held_out(self.corpus.ids, eval_fraction, split_seed)
         keep = {"train": ~held, "eval": held, "all": np.ones_like(held)}[split]
         self.documents = np.flatnonzero(keep)
@@ -139,7 +146,7 @@ class PackedLoader:
         document_ids = np.empty(self.seq_len, dtype=np.int64)
         filled, local = 0, 0
         while filled < self.seq_len:
-            doc = self.corpus.document(self.epoch_order(self.epoch)[self.cursor])
+            doc = self._document(self.epoch_order(self.epoch)[self.cursor])
             n = min(len(doc) - self.offset, self.seq_len - filled)
             tokens[filled : filled + n] = doc[self.offset : self.offset + n]
             first = self.offset if self.positions == "continue" else 0
@@ -151,6 +158,22 @@ class PackedLoader:
                 if self.cursor == len(self.epoch_order(self.epoch)):
                     self.epoch, self.cursor = self.epoch + 1, 0
         return tokens, positions, document_ids
+
+    def _document(self, index: int) -> np.ndarray:
+        """The document's tokens; with condition dropout, a leading caption (the text between <bod> and the
+        first image or speech span) is removed with that probability, decided by (seed, epoch, document) so
+        that a resumed loader makes the same choices. Teaches the unconditional stream of guidance."""
+        doc = self.corpus.document(index)
+        if not self.condition_dropout or self._text is None:
+            return doc
+        opens = np.flatnonzero(np.isin(doc, self._span_opens))
+        if not len(opens) or opens[0] < 2 or doc[0] != self._bod:
+            return doc
+        if not ((doc[1 : opens[0]] >= self._text.start) & (doc[1 : opens[0]] < self._text.stop)).all():
+            return doc
+        if np.random.default_rng((self.seed, self.epoch, int(index), 1)).random() >= self.condition_dropout:
+            return doc
+        return np.concatenate([doc[:1], doc[opens[0] :]])
 
     def __iter__(self) -> PackedLoader:
         return self
@@ -167,6 +190,7 @@ class PackedLoader:
             "seed": self.seed, "split": self.split, "eval_fraction": self.eval_fraction,
             "split_seed": self.split_seed, "shuffle": self.shuffle, "rank": self.rank,
             "world_size": self.world_size, "documents": len(self.documents),
+            "condition_dropout": self.condition_dropout,
             "corpus_tokens": int(self.corpus.manifest["tokens"]),
         }
 

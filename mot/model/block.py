@@ -7,6 +7,7 @@ rows in the route's sorted order; attention alone runs in natural (B, T) order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from mot.config import ModelConfig
+from mot.model.masks import BlockMask, flex
 from mot.model.rope import apply_rotary
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm
 
@@ -27,7 +29,11 @@ class AttentionInputs:
     seq_len: int
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor | None = None  # boolean (B, 1, T, T), True = may attend; None = causal
+    # boolean (B, 1, T, T), True = may attend; or a FlexAttention BlockMask (CUDA); None = causal
+    mask: torch.Tensor | BlockMask | None = None
+    # Incremental decoding: stores this layer's new keys/values, returns the cached ones to attend over
+    # (then `mask` is (B, 1, T, S) over those S slots). None = attention over the T rows alone (training).
+    cache: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Attention(nn.Module):
@@ -51,8 +57,12 @@ class Attention(nn.Module):
         q, k, v = seq(q), seq(k), seq(v)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if inputs.cache is not None:
+            k, v = (t.to(q.dtype) for t in inputs.cache(k, v))
         if inputs.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(inputs.mask, BlockMask):  # packed documents on CUDA: masked tiles are skipped
+            out = flex(q, k, v, inputs.mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask)
         out = route.sort(rearrange(out, "b h t d -> (b t) (h d)"))

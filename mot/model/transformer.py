@@ -13,6 +13,7 @@ from torch import nn
 
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
+from mot.model.kv_cache import KVCache, LayerWrite
 from mot.model.rope import RotaryEmbedding
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
 from mot.vocab import UnifiedVocab
@@ -100,6 +101,68 @@ class MoTTransformer(nn.Module):
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits over the unified vocabulary."""
         return self.head(self.hidden_states(tokens, modality, positions, attn_mask))
+
+    # ------------------------------------------------------------ incremental decoding (mot.generate)
+
+    def forward_cached(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: KVCache,
+        visible: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, t, V) of t new tokens (B, t) that attend over the cache and themselves.
+
+        Their keys/values go to cache slots [cache.length, cache.length + t); the length advances.
+        positions: (B, t) rotary positions, default the slots. visible: (B, t) bool, whether later tokens
+        may attend to each new one (default all). last_only: logits of the last token only, (B, 1, V).
+        """
+        batch, t = tokens.shape
+        if positions is None:
+            positions = (cache.length + torch.arange(t, device=tokens.device)).expand(batch, t)
+        if visible is None:
+            visible = torch.ones(batch, t, dtype=torch.bool, device=tokens.device)
+        writes, mask = cache.append(visible)
+        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only)
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        slot: torch.Tensor,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row (B, 1) written at `slot` (a long tensor) -> logits (B, 1, V).
+
+        Every shape is fixed by the cache, so this compiles once (CUDA graphs) for a whole generation;
+        cache.length is left to the caller.
+        """
+        writes, mask = cache.at_slot(slot, visible)
+        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only=False)
+
+    def _logits_with_cache(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor | None,
+        positions: torch.Tensor,
+        writes: list[LayerWrite],
+        mask: torch.Tensor,
+        last_only: bool,
+    ) -> torch.Tensor:
+        batch, t = tokens.shape
+        if modality is None:
+            modality = self.vocab.modality_of(tokens)
+        route = self.route(modality)  # routing works on any rows: here only the new tokens
+        x = self.embed(route.sort(tokens.reshape(-1)))
+        cos, sin = self.rope(t, positions)
+        for block, write in zip(self.blocks, writes, strict=True):
+            x = block(x, route, AttentionInputs(batch, t, cos, sin, mask, write))
+        hidden = route.unsort(self.final_norm(x, route)).view(batch, t, -1)
+        return self.head(hidden[:, -1:] if last_only else hidden)
 
     def tower_parameters(self, tower: int) -> dict[str, torch.Tensor]:
         """The slices of every untied parameter that belong to one tower (for inspection and tests)."""

@@ -69,7 +69,8 @@ def build_loaders(cfg: RunConfig, shards: Path, vocab: UnifiedVocab, micro_batch
     t, d = cfg.train, cfg.data
     global_micro = micro_batch * world_size
     train = PackedLoader(shards, vocab, global_micro, t.seq_len, seed=t.seed, split="train",
-                         eval_fraction=d.eval_fraction, positions=d.positions)
+                         eval_fraction=d.eval_fraction, positions=d.positions,
+                         condition_dropout=d.condition_dropout)
     eval_loader = None
     if d.eval_fraction > 0:
         eval_loader = PackedLoader(train.corpus, vocab, global_micro, t.seq_len, seed=t.seed, split="eval",

@@ -27,6 +27,7 @@ from mot.data.loader import PackedBatch
 from mot.flops import size_report
 from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
+from mot.model.masks import document_block_mask
 from mot.objectives.ar import next_token_loss
 from mot.train import checkpoint as ckpt
 from mot.train.data import RankSlice, build_loaders, ensure_prepared
@@ -167,7 +168,8 @@ class Trainer:
         if cfg.train.compile:
             for block in model.blocks:  # one compiled block serves every layer
                 block.compile()
-        optimizer = build_optimizer(model, cfg.train)
+        model.to(acc.device)  # first, so that AdamW picks its fused kernel for the device
+        optimizer = build_optimizer(model, cfg.train, fused=cfg.train.distributed != "fsdp" or acc.num_processes == 1)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
@@ -220,9 +222,14 @@ class Trainer:
 
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality loss sums and prediction counts of one micro-batch."""
-        logits = self.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask())
+        logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch))
         _, loss_sum, count = next_token_loss(logits, batch.tokens, batch.modality, len(self.names))
         return loss_sum, count
+
+    def _mask(self, batch: PackedBatch):
+        if self.cfg.train.flex_attention and batch.document_ids.is_cuda:
+            return document_block_mask(batch.document_ids)
+        return batch.attn_mask()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One optimizer step (forward/backward of `accum` micro-batches). Returns the per-modality loss sums

@@ -1,0 +1,212 @@
+"""Full training step, dense against MoT of the same recipe, side by side in one run.
+
+    python3 bench/step.py [--dim 2048 --layers 16 --heads 16 --seq-len 4096 --micro-batch 2 --steps 15]
+                          [--variants dense mot] [--modes eager compiled] [--json OUT] [--smoke]
+
+What one step is here is what the trainer does (mot/train/trainer.py): embedding, blocks, head over the
+unified vocabulary (Chameleon's 65,536), next-token loss per modality with a document mask, backward
+under bf16 autocast with fp32 weights, gradient clipping, AdamW (the trainer's parameter groups). The data
+is the 3-modality layout of DESIGN.md's routing table (1656 text / 5120 image / 1416 speech tokens in
+2 x 4096), in documents of seq_len/4 to seq_len tokens. "compiled" compiles each block as `train.compile` does.
+
+Prints ms per step (median of --steps after warm-up, with min-max), tokens/s, TFLOP/s and MFU against the
+card's dense bf16 peak (stated), peak memory, the MoT/dense ratio, and recompiles across 3 new layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mot.config import ModalityConfig, ModelConfig, TrainConfig  # noqa: E402
+from mot.data.loader import document_causal_mask  # noqa: E402
+from mot.data.synthetic import bench_layout, random_layout, tokens_for_layout  # noqa: E402
+from mot.flops import dense_baseline, size_report  # noqa: E402
+from mot.model import MoTTransformer  # noqa: E402
+from mot.model.masks import document_block_mask  # noqa: E402
+from mot.objectives.ar import next_token_loss  # noqa: E402
+from mot.train.optim import build_optimizer  # noqa: E402
+from mot.train.trainer import PEAK_BF16_FLOPS  # noqa: E402
+
+
+def recipe(args) -> ModelConfig:
+    if args.smoke:
+        mods = [ModalityConfig("text", 96, token_fraction=0.2), ModalityConfig("image", 64, token_fraction=0.62),
+                ModalityConfig("speech", 32, token_fraction=0.18)]
+        return ModelConfig(dim=64, n_layers=2, n_heads=4, modalities=mods, max_seq_len=args.seq_len)
+    # Chameleon's vocabulary: 65,536 ids with 8,192 image codes; 500 speech units.
+    mods = [ModalityConfig("text", 65536 - 8192 - 500 - 64, token_fraction=0.2),
+            ModalityConfig("image", 8192, token_fraction=0.62), ModalityConfig("speech", 500, token_fraction=0.18)]
+    return ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, modalities=mods,
+                       max_seq_len=args.seq_len)
+
+
+def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, doc_len: tuple[int, int]):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = tokens_for_layout(layout, model.vocab, gen)
+    batch, seq_len = layout.shape
+    # Packed documents: random lengths, positions restart at each, attention stays inside each.
+    doc_ids = torch.empty_like(layout)
+    positions = torch.empty_like(layout)
+    for b in range(batch):
+        start, doc = 0, 0
+        while start < seq_len:
+            n = int(torch.randint(doc_len[0], doc_len[1] + 1, (1,), generator=gen))
+            doc_ids[b, start : start + n] = doc
+            positions[b, start : start + n] = torch.arange(min(n, seq_len - start))
+            start, doc = start + n, doc + 1
+    return [t.to(device) for t in (tokens, layout, positions, doc_ids)]
+
+
+def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
+    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused>"."""
+    compiled, attention, optim = mode.split("-")
+    torch.manual_seed(0)
+    model = MoTTransformer(cfg).to(device)
+    if compiled == "compiled":
+        for block in model.blocks:
+            block.compile()
+    optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim == "fused")
+    layout = bench_layout(args.seq_len)
+    layout = layout.repeat(max(1, args.micro_batch // layout.shape[0]), 1)[: args.micro_batch]
+    doc_len = (args.seq_len // 4, args.seq_len)
+    n_mod = cfg.n_modalities
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def batch_for(layout, seed):
+        tokens, modality, positions, doc_ids = make_batch(model, layout, device, seed, doc_len)
+        mask = document_block_mask(doc_ids) if attention == "flex" else document_causal_mask(doc_ids)
+        return tokens, modality, positions, mask
+
+    def forward_backward(tokens, modality, positions, mask):
+        with autocast:
+            logits = model(tokens, modality, positions, mask)
+        loss, _, _ = next_token_loss(logits, tokens, modality, n_mod)
+        loss.backward()
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    batch = batch_for(layout, 0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        forward_backward(*batch)
+        update()
+    sync()
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fb_ms, opt_ms = [], []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            events[0].record()
+            forward_backward(*batch)
+            events[1].record()
+            update()
+            events[2].record()
+            events[2].synchronize()
+            fb_ms.append(events[0].elapsed_time(events[1]))
+            opt_ms.append(events[1].elapsed_time(events[2]))
+        else:
+            t0 = time.perf_counter()
+            forward_backward(*batch)
+            t1 = time.perf_counter()
+            update()
+            fb_ms.append(1e3 * (t1 - t0))
+            opt_ms.append(1e3 * (time.perf_counter() - t1))
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+
+    recompiles = None
+    if compiled == "compiled":
+        counters = torch._dynamo.utils.counters
+        before = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+        gen = torch.Generator().manual_seed(1)
+        for seed in range(3):  # new modality counts and document boundaries
+            forward_backward(*batch_for(random_layout(args.micro_batch, args.seq_len, list(range(n_mod)), 512, gen),
+                                        seed + 1))
+            update()
+        sync()
+        recompiles = (sum(counters["recompiles"].values()) if "recompiles" in counters else 0) - before
+
+    tokens = args.micro_batch * args.seq_len
+    flops = size_report(cfg, args.seq_len, attention="causal").flops_forward_backward_mixed * tokens
+    total = [a + b for a, b in zip(fb_ms, opt_ms, strict=True)]
+    ms = statistics.median(total)
+    return {"name": name, "mode": mode, "ms": ms, "min_ms": min(total), "max_ms": max(total),
+            "fwd_bwd_ms": statistics.median(fb_ms), "optimizer_ms": statistics.median(opt_ms),
+            "tokens_per_s": tokens / (ms / 1e3), "tflops": flops / (ms / 1e3) / 1e12,
+            "fwd_bwd_tflops": flops / (statistics.median(fb_ms) / 1e3) / 1e12, "peak_gib": peak_mem,
+            "warmup_s": warmup_s, "recompiles": recompiles}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["dense", "mot"], choices=["dense", "mot"])
+    parser.add_argument("--modes", nargs="+", default=["compiled-mask-foreach", "compiled-flex-fused"],
+                        help="<eager|compiled>-<mask|flex>-<foreach|fused>: compile the blocks or not; dense boolean "
+                             "document mask through SDPA or a FlexAttention BlockMask; AdamW multi-tensor or fused")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, runs on the CPU in seconds")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seq_len, args.steps, args.warmup = 256, 2, 1
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mot_cfg = recipe(args)
+    configs = {"dense": dense_baseline(mot_cfg), "mot": mot_cfg}
+    peak = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((p for k, p in PEAK_BF16_FLOPS.items() if k in name), None)
+        print(f"{name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak
+              else name)
+    for label, cfg in configs.items():
+        report = size_report(cfg, args.seq_len)
+        print(f"{label}: {report.total_params / 1e9:.3f}B params, "
+              f"{report.flops_forward_backward_mixed / 1e9:.2f} GFLOP/token fwd+bwd")
+
+    results = []
+    for mode in args.modes:
+        for variant in args.variants:
+            results.append(run_variant(variant, configs[variant], mode, args, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the last variant's weights and optimizer state are gone
+    print(f"\n{'variant':<7}{'mode':<23}{'ms/step':>9}{'min-max':>15}{'fwd+bwd':>9}{'optim':>7}{'tokens/s':>10}"
+          f"{'MFU':>7}{'MFU f+b':>8}{'GiB':>6}{'x dense':>8}{'x f+b':>7}{'recomp':>7}")
+    for r in results:
+        dense = next((d for d in results if d["name"] == "dense" and d["mode"] == r["mode"]), None)
+        ratio = r["ms"] / dense["ms"] if dense else float("nan")
+        fb_ratio = r["fwd_bwd_ms"] / dense["fwd_bwd_ms"] if dense else float("nan")
+        mfu = f"{100 * r['tflops'] * 1e12 / peak:.1f}%" if peak else "-"
+        fb_mfu = f"{100 * r['fwd_bwd_tflops'] * 1e12 / peak:.1f}%" if peak else "-"
+        print(f"{r['name']:<7}{r['mode']:<23}{r['ms']:>9.2f}{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f}"
+              f"{r['fwd_bwd_ms']:>9.2f}{r['optimizer_ms']:>7.2f}{r['tokens_per_s']:>10.0f}{mfu:>7}{fb_mfu:>8}"
+              f"{r['peak_gib']:>6.1f}{ratio:>8.3f}{fb_ratio:>7.3f}"
+              f"{'-' if r['recompiles'] is None else r['recompiles']:>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Interleaved generation: KV-cached decoding, modality-constrained sampling, classifier-free guidance, the page.
+
+    model, cfg, tokenizer_folder = load_for_inference("runs/demo")
+    tokenizers = load_tokenizers(tokenizer_folder, model.vocab)
+    prompt = build_prompt(model.vocab, tokenizers, "a red circle on the left", then="image")
+    results = generate(model, [prompt] * 4, GenerationConfig(image_tokens=64, guidance_scale=3, seed=0))
+    write_page("gen/page.html", model.vocab, tokenizers, results)   # from mot.generate.page (imports torchvision)
+"""
+
+from mot.generate.constraints import ModalityConstraints, SpanState
+from mot.generate.loop import CachedDecoder, Generation, GenerationConfig, generate
+from mot.generate.prompt import GenerationError, build_prompt, load_tokenizers
+from mot.generate.sampling import SamplingConfig, filter_logits, sample
+from mot.generate.spans import Span, split_spans
+
+__all__ = [
+    "CachedDecoder", "Generation", "GenerationConfig", "GenerationError", "ModalityConstraints", "SamplingConfig",
+    "Span", "SpanState", "build_prompt", "filter_logits", "generate", "load_tokenizers", "sample", "split_spans",
+]

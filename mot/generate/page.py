@@ -1,0 +1,116 @@
+"""The generation page: HTML with the text, the images (PNG files next to it) and the speech (WAV files,
+with an audio player), plus a JSON of the raw token ids.
+
+    out/page.html   out/page.json   out/page-sample1-image1.png   out/page-sample1-speech1.wav ...
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import soundfile
+import torch
+from torchvision.utils import save_image
+
+from mot.data.encode import vocab_layout
+from mot.generate.loop import Generation
+from mot.generate.prompt import image_grid_of, sample_rate_of
+from mot.generate.spans import Span, open_span_start, split_spans
+from mot.vocab import UnifiedVocab
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 56rem; margin: 2rem auto; padding: 0 1rem; }
+section { border-top: 1px solid #ccc; padding: 0.5rem 0 1rem; }
+.text { white-space: pre-wrap; }
+.prompt { color: #555; }
+img { width: 256px; image-rendering: pixelated; display: block; margin: 0.5rem 0; border: 1px solid #ddd; }
+audio { display: block; margin: 0.5rem 0; }
+.note { color: #a00; font-size: 0.9em; }
+.meta { color: #666; font-size: 0.85em; }
+"""
+
+
+class _Renderer:
+    """Decodes spans to HTML, writing each image and speech span to a file beside the page."""
+
+    def __init__(self, out: Path, tokenizers: dict[str, Any]):
+        self.out, self.tokenizers = out, tokenizers
+        self.files: list[Path] = []
+
+    def _file(self, label: str, kind: str, index: int, suffix: str) -> Path:
+        path = self.out.with_name(f"{self.out.stem}-{label}-{kind}{index}{suffix}")
+        self.files.append(path)
+        return path
+
+    def span(self, span: Span, label: str, index: int) -> str:
+        tok = self.tokenizers.get(span.kind)
+        if tok is None:
+            return f'<p class="note">[{span.kind}: {len(span.ids)} ids, no {span.kind} tokenizer to decode them]</p>'
+        ids = torch.tensor(span.ids, dtype=torch.long)
+        if span.kind == "text":
+            return f'<span class="text">{html.escape(tok.decode(ids))}</span>'
+        if not span.closed or not span.ids:
+            return f'<p class="note">[unfinished {span.kind} span: {len(span.ids)} ids]</p>'
+        if span.kind == "image":
+            h, w = image_grid_of(tok)
+            if len(span.ids) != h * w:
+                return f'<p class="note">[image span of {len(span.ids)} codes; the tokenizer\'s grid is {h}x{w}]</p>'
+            path = self._file(label, "image", index, ".png")
+            save_image(tok.decode(ids).float().cpu(), path)
+            return f'<img src="{html.escape(path.name)}" alt="{label} image {index}">'
+        path = self._file(label, "speech", index, ".wav")
+        wave = tok.decode(ids).float().cpu().numpy()
+        soundfile.write(path, wave, sample_rate_of(tok), subtype="PCM_16")
+        return f'<audio controls src="{html.escape(path.name)}"></audio>'
+
+    def section(self, title: str, label: str, ids: list[int], vocab: UnifiedVocab, css: str = "") -> str:
+        counts: dict[str, int] = {}
+        parts = []
+        for span in split_spans(ids, vocab):
+            counts[span.kind] = counts.get(span.kind, 0) + 1
+            parts.append(self.span(span, label, counts[span.kind]))
+        body = "".join(parts) or '<p class="note">[nothing]</p>'
+        return f'<section class="{css}"><h2>{html.escape(title)}</h2><div>{body}</div></section>\n'
+
+
+def write_page(
+    out: str | Path,
+    vocab: UnifiedVocab,
+    tokenizers: dict[str, Any],
+    results: list[Generation],
+    settings: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write the page, its media files and `<stem>.json`; returns every path written, the page first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render = _Renderer(out, tokenizers)
+    settings = settings or {}
+    shared = all(r.prompt == results[0].prompt for r in results)
+    parts = []
+    for i, result in enumerate(results, 1):
+        # A prompt ending inside a span (`... <boi>`): that span is shown with the samples that complete it.
+        tail = open_span_start(result.prompt, vocab)
+        tail = len(result.prompt) if tail is None else tail
+        if not shared or i == 1:
+            title, label = ("prompt", "prompt") if shared else (f"prompt {i}", f"prompt{i}")
+            parts.append(render.section(title, label, result.prompt[:tail], vocab, "prompt"))
+        ending = "ended the document" if result.finished else "stopped at max tokens"
+        parts.append(render.section(f"sample {i} ({len(result.tokens)} tokens, {ending})", f"sample{i}",
+                                    result.prompt[tail:] + result.tokens, vocab))
+    meta = html.escape(", ".join(f"{k}={v}" for k, v in settings.items()))
+    page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mot generate</title>'
+            f"<style>{STYLE}</style></head>\n<body><h1>mot generate</h1><p class=\"meta\">{meta}</p>\n"
+            + "".join(parts) + "</body></html>\n")
+    out.write_text(page, encoding="utf-8")
+    record = {
+        "settings": settings,
+        "vocab": vocab_layout(vocab),
+        "samples": [{"prompt": r.prompt, "tokens": r.tokens, "finished": r.finished} for r in results],
+        "files": [p.name for p in render.files],
+    }
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(record, indent=1, default=str))
+    return [out, json_path, *render.files]

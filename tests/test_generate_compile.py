@@ -1,0 +1,30 @@
+"""The static decode step traces as one graph and never recompiles from step to step (what CUDA graphs need)."""
+
+from __future__ import annotations
+
+import torch
+
+from mot.generate import GenerationConfig, generate
+from mot.generate.loop import CachedDecoder
+from mot.model import MoTTransformer, routing
+from tests.conftest import tiny_config
+
+
+def test_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
+    # Grouped matmul on the CPU too: the split fallback reads slice sizes on the host, a graph break.
+    monkeypatch.setattr(routing, "GROUPED_MM", "always")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MoTTransformer(tiny_config(dim=64, ffn_dim=64)).to(torch.bfloat16).eval()  # grouped mm needs bf16
+    v = model.vocab
+    prompt = [v.special_id("<bod>"), v["text"].start + 3, v.special_id("<boi>")]
+    config = GenerationConfig(max_new_tokens=10, temperature=0, image_tokens=4, guidance_scale=2.0)
+
+    eager = generate(model, [prompt] * 2, config)
+    decoder = CachedDecoder(model, 4, len(prompt) + config.max_new_tokens)
+    decoder._step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # tracing, no inductor
+    decoder.compiled = True
+    compiled = generate(model, [prompt] * 2, config, decoder)
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    torch._dynamo.reset()
