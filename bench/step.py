@@ -68,8 +68,9 @@ def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, d
 
 
 def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
-    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused>"."""
-    compiled, attention, optim = mode.split("-")
+    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused>[-closs]" (closs: the loss under torch.compile)."""
+    compiled, attention, optim, *extra = mode.split("-")
+    loss_fn = torch.compile(next_token_loss) if "closs" in extra else next_token_loss
     torch.manual_seed(0)
     model = MoTTransformer(cfg).to(device)
     if compiled == "compiled":
@@ -90,7 +91,7 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     def forward_backward(tokens, modality, positions, mask):
         with autocast:
             logits = model(tokens, modality, positions, mask)
-        loss, _, _ = next_token_loss(logits, tokens, modality, n_mod)
+        loss, _, _ = loss_fn(logits, tokens, modality, n_mod)
         loss.backward()
 
     def update():
@@ -128,6 +129,16 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
             fb_ms.append(1e3 * (t1 - t0))
             opt_ms.append(1e3 * (time.perf_counter() - t1))
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                forward_backward(*batch)
+                update()
+            sync()
+        print(f"\n--- {name} {mode}: top CUDA kernels over 3 steps ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile, max_name_column_width=70))
 
     recompiles = None
     if compiled == "compiled":
@@ -162,9 +173,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["dense", "mot"], choices=["dense", "mot"])
-    parser.add_argument("--modes", nargs="+", default=["compiled-mask-foreach", "compiled-flex-fused"],
-                        help="<eager|compiled>-<mask|flex>-<foreach|fused>: compile the blocks or not; dense boolean "
-                             "document mask through SDPA or a FlexAttention BlockMask; AdamW multi-tensor or fused")
+    parser.add_argument("--modes", nargs="+", default=["compiled-mask-foreach", "compiled-flex-fused-closs"],
+                        help="<eager|compiled>-<mask|flex>-<foreach|fused>[-closs]: compile the blocks or not; dense "
+                             "boolean document mask through SDPA or a FlexAttention BlockMask; AdamW multi-tensor or "
+                             "fused; the loss compiled too")
+    parser.add_argument("--accum", type=int, default=8,
+                        help="also report the ratio per optimizer step of this many micro-batches (derived)")
+    parser.add_argument("--profile", type=int, default=0, help="print this many top CUDA kernels per variant")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true", help="tiny model, runs on the CPU in seconds")
     args = parser.parse_args()
@@ -191,17 +206,20 @@ def main() -> int:
             results.append(run_variant(variant, configs[variant], mode, args, device))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last variant's weights and optimizer state are gone
-    print(f"\n{'variant':<7}{'mode':<23}{'ms/step':>9}{'min-max':>15}{'fwd+bwd':>9}{'optim':>7}{'tokens/s':>10}"
-          f"{'MFU':>7}{'MFU f+b':>8}{'GiB':>6}{'x dense':>8}{'x f+b':>7}{'recomp':>7}")
+    print(f"\n{'variant':<7}{'mode':<27}{'ms/step':>9}{'min-max':>15}{'fwd+bwd':>9}{'optim':>7}{'tokens/s':>10}"
+          f"{'MFU':>7}{'MFU f+b':>8}{'GiB':>6}{'x dense':>8}{'x f+b':>7}{f'x@acc{args.accum}':>9}{'recomp':>7}")
     for r in results:
         dense = next((d for d in results if d["name"] == "dense" and d["mode"] == r["mode"]), None)
         ratio = r["ms"] / dense["ms"] if dense else float("nan")
         fb_ratio = r["fwd_bwd_ms"] / dense["fwd_bwd_ms"] if dense else float("nan")
+        # One optimizer step per `accum` micro-batches, as training with gradient accumulation runs.
+        per_update = lambda x: args.accum * x["fwd_bwd_ms"] + x["optimizer_ms"]
+        acc_ratio = per_update(r) / per_update(dense) if dense else float("nan")
         mfu = f"{100 * r['tflops'] * 1e12 / peak:.1f}%" if peak else "-"
         fb_mfu = f"{100 * r['fwd_bwd_tflops'] * 1e12 / peak:.1f}%" if peak else "-"
-        print(f"{r['name']:<7}{r['mode']:<23}{r['ms']:>9.2f}{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f}"
+        print(f"{r['name']:<7}{r['mode']:<27}{r['ms']:>9.2f}{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f}"
               f"{r['fwd_bwd_ms']:>9.2f}{r['optimizer_ms']:>7.2f}{r['tokens_per_s']:>10.0f}{mfu:>7}{fb_mfu:>8}"
-              f"{r['peak_gib']:>6.1f}{ratio:>8.3f}{fb_ratio:>7.3f}"
+              f"{r['peak_gib']:>6.1f}{ratio:>8.3f}{fb_ratio:>7.3f}{acc_ratio:>9.3f}"
               f"{'-' if r['recompiles'] is None else r['recompiles']:>7}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -19,5 +19,6 @@ def next_token_loss(
     target_modality = modality[:, 1:].reshape(-1)
     per_token = F.cross_entropy(pred, target, reduction="none")
     loss_sum = torch.zeros(n_modalities, device=logits.device).index_add_(0, target_modality, per_token)
-    count = torch.bincount(target_modality, minlength=n_modalities)
+    # index_add rather than bincount: a static output shape, so the loss compiles into one graph.
+    count = torch.zeros(n_modalities, device=logits.device).index_add_(0, target_modality, torch.ones_like(per_token))
     return per_token.mean(), loss_sum, count

@@ -165,9 +165,12 @@ class Trainer:
         self.loss_weights = torch.tensor([m.loss_weight for m in cfg.model.modalities], device=acc.device)
         if cfg.train.activation_checkpointing:
             _apply_activation_checkpointing(model)
+        self.loss_fn = next_token_loss
         if cfg.train.compile:
             for block in model.blocks:  # one compiled block serves every layer
                 block.compile()
+            # Fused: reads the bf16 logits once, never keeps an fp32 copy of them for backward.
+            self.loss_fn = torch.compile(next_token_loss)
         model.to(acc.device)  # first, so that AdamW picks its fused kernel for the device
         optimizer = build_optimizer(model, cfg.train, fused=cfg.train.distributed != "fsdp" or acc.num_processes == 1)
         self.scheduler = build_scheduler(optimizer, cfg.train)
@@ -223,7 +226,7 @@ class Trainer:
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality loss sums and prediction counts of one micro-batch."""
         logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch))
-        _, loss_sum, count = next_token_loss(logits, batch.tokens, batch.modality, len(self.names))
+        _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names))
         return loss_sum, count
 
     def _mask(self, batch: PackedBatch):
