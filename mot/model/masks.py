@@ -13,6 +13,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 # Compiled once: flex_attention runs as a fused Triton kernel only under torch.compile.
 _compiled_flex = None
+_compiled_create = None
 
 
 def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
@@ -22,7 +23,13 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     def same_document_causal(b, h, q, kv):
         return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
+    create = create_block_mask
+    if document_ids.is_cuda:  # eager creation evaluates the mask at all T x T points: ms per batch
+        global _compiled_create
+        if _compiled_create is None:
+            _compiled_create = torch.compile(create_block_mask)
+        create = _compiled_create
+    return create(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
