@@ -4,6 +4,7 @@
     mot train [RECIPE.toml] [--resume[=CKPT]] [--overwrite] [--key=value ...]   (same as python train_mot.py)
     mot compare RUN_DIR RUN_DIR [...] [--out DIR] | mot compare --recipe R.toml [--key=value ...]
     mot demo-data | tokenizer train|encode|decode | prepare   (see mot/data_commands.py)
+    mot grow | upcycle | add-modality CKPT ... --out DIR     (see mot/grow_cli.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mot.data.prepare import PrepareError
 from mot.data_commands import add_commands as add_data_commands
 from mot.flops import SizeReport, dense_baseline, size_report
 from mot.generate.cli import add_commands as add_generate_commands
+from mot.grow_cli import add_commands as add_grow_commands
 from mot.tokenize.base import TokenizerError
 from mot.train.checkpoint import CheckpointError
 from mot.train.errors import NonFiniteError
@@ -43,10 +45,10 @@ def flops_table(cfg: RunConfig, seq_len: int) -> Table:
     mot = size_report(cfg.model, seq_len)
     dense = size_report(dense_baseline(cfg.model), seq_len)
     m = cfg.model
-    title = (
-        f"{cfg.name}: d={m.dim} L={m.n_layers} H={m.n_heads} ffn={m.ffn_hidden} "
-        f"untie={m.untie} seq_len={seq_len}"
-    )
+    ffn = (f"pattention tokens={m.param_tokens_of('attn')}/{m.param_tokens_of('ffn')}" if m.projection == "pattention"
+           else f"ffn={m.ffn_hidden}")
+    title = f"{cfg.name}: d={m.dim} L={m.n_layers} H={m.n_heads} {ffn} untie={m.untie} seq_len={seq_len}"
+
     table = Table(title=title)
     for col in ("", "MoT", "dense", "MoT / dense"):
         table.add_column(col, justify="right" if col else "left")
@@ -129,7 +131,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # set by `accelerate launch` / torchrun
     if main_process:
         console.print(flops_table(cfg, cfg.train.seq_len))
-    result = train(cfg, where, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, where, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from)
     if not main_process:
         return 0
     table = Table(title=f"{cfg.name}: step {result.step}, run folder {result.run_dir}")
@@ -199,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
     add_generate_commands(sub)
+    add_grow_commands(sub)
 
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue from the run's latest checkpoint, or from CKPT (a step-* folder or a run folder)")
     p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start again")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from these weights with a fresh optimizer, schedule and data order "
+                        "(e.g. the output of mot add-modality)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="MoT against dense: eval loss vs training FLOPs, FLOPs fraction to match")

@@ -14,6 +14,7 @@ import difflib
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,15 @@ class ModelConfig:
     max_seq_len: int = 4096
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # TokenFormer (arXiv 2410.23168): "pattention" turns every tower projection into token-parameter attention
+    # (mot/model/pattention.py) so that a trained model grows by appending parameter tokens (`mot grow`).
+    projection: Literal["linear", "pattention"] = "linear"
+    param_tokens: int = 0  # parameter tokens of the QKV and of the output projection per tower; 0 = dim
+    param_tokens_per_modality: list[int] = field(default_factory=list)  # [] = param_tokens for every modality
+    ffn_token_multiple: int = 4  # the FFN (one Pattention) holds this many times the tokens (TokenFormer: 4)
+    # n of the scale tau = sqrt(n) in Pattention's modified softmax, per modality; [] = the modality's own
+    # token count (TokenFormer). `mot grow` writes the counts before growth here: the function stays the same.
+    param_tokens_tau: list[int] = field(default_factory=list)
 
     @property
     def head_dim(self) -> int:
@@ -84,6 +94,17 @@ class ModelConfig:
     @property
     def is_dense(self) -> bool:
         return not self.untie or self.n_modalities == 1
+
+    def param_tokens_of(self, component: str, modality: int = 0) -> int:
+        """Parameter tokens of a Pattention projection of "attn" (QKV and output) or "ffn", in one tower."""
+        base = self.param_tokens_per_modality[modality] if self.param_tokens_per_modality else self.param_tokens
+        return (base or self.dim) * (self.ffn_token_multiple if component == "ffn" else 1)
+
+    def tau_tokens_of(self, component: str, modality: int = 0) -> int:
+        """The n of tau = sqrt(n) in that projection's modified softmax."""
+        if not self.param_tokens_tau:
+            return self.param_tokens_of(component, modality)
+        return self.param_tokens_tau[modality] * (self.ffn_token_multiple if component == "ffn" else 1)
 
 
 @dataclass
@@ -184,6 +205,7 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("model.untie", f"has unknown parts {bad}; choose from {list(UNTIE_CHOICES)}")
     if len(set(m.untie)) != len(m.untie):
         fail("model.untie", f"repeats a part: {m.untie}")
+    _check_pattention(m, fail)
     t = cfg.train
     for key in ("seq_len", "batch_size", "steps"):
         if getattr(t, key) <= 0:
@@ -219,6 +241,34 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("data.prepare_workers", f"must be >= 0, got {d.prepare_workers}")
     if d.demo and not d.documents:
         fail("data.demo", "needs data.documents: the path the demo corpus is generated at")
+
+
+def _check_pattention(m: ModelConfig, fail: Callable[[str, str], typing.NoReturn]) -> None:
+    lists = ("param_tokens_per_modality", "param_tokens_tau")
+    if m.projection == "linear":
+        set_keys = [k for k in ("param_tokens", *lists) if getattr(m, k)]
+        set_keys += ["ffn_token_multiple"] if m.ffn_token_multiple != 4 else []
+        if set_keys:
+            fail(f"model.{set_keys[0]}", "only applies with model.projection = 'pattention' (it is 'linear')")
+        return
+    if m.param_tokens < 0:
+        fail("model.param_tokens", f"must be >= 0 (0 = model.dim), got {m.param_tokens}")
+    if m.ffn_token_multiple < 1:
+        fail("model.ffn_token_multiple", f"must be at least 1, got {m.ffn_token_multiple}")
+    names = [mod.name for mod in m.modalities]
+    shared = [c for c in ("attn", "ffn") if m.towers(c) == 1]
+    for key in lists:
+        values = getattr(m, key)
+        if not values:
+            continue
+        if len(values) != len(names):
+            fail(f"model.{key}", f"needs one count per modality {names}, got {values}")
+        bad = [i for i, v in enumerate(values) if v <= 0]
+        if bad:
+            fail(f"model.{key}.{bad[0]}", f"must be positive, got {values[bad[0]]}")
+        if len(set(values)) > 1 and shared:
+            fail(f"model.{key}", f"differs between modalities ({values}), but the {shared} projections are shared "
+                 f"by all of them (model.untie = {m.untie}); untie them or give one count")
 
 
 def _type_name(tp: Any) -> str:

@@ -35,7 +35,7 @@ AttentionCount = Literal["causal", "full"]
 class SizeReport:
     total_params: int
     embedding_params: int  # input embedding + output head (once when tied)
-    tower_params: int  # parameters of ONE tower stack (attn + ffn + norms of every layer)
+    tower_params: int  # parameters of ONE tower stack (attn + ffn + norms of every layer; the first modality's)
     active_params: dict[str, int]  # per modality: parameters a token of it touches (embedding included)
     active_params_mixed: float  # weighted by the modalities' token fractions
     flops_forward: dict[str, float]  # per token, per modality
@@ -50,14 +50,28 @@ def dense_baseline(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, untie=[])
 
 
-def _layer_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of one copy of each component in one layer."""
+def _layer_params(cfg: ModelConfig, modality: int = 0) -> dict[str, int]:
+    """Parameters of one copy of each component in one layer (of `modality`'s tower: Pattention towers may
+    hold different token counts)."""
     qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0
+    norm = 2 * cfg.dim + qk_norm  # attention and FFN norms (+ per-head q/k norm gains)
+    if cfg.projection == "pattention":
+        # n tokens of a Pattention in -> out hold n * (in + out) parameters; a token multiplies with all of them
+        # once (x K^T, then Theta V), so FLOPs stay 2 x parameters. The modified softmax is O(n), not counted.
+        # A shared (tied) projection is the first modality's, as in the model.
+        attn = cfg.param_tokens_of("attn", modality if cfg.towers("attn") > 1 else 0)
+        ffn = cfg.param_tokens_of("ffn", modality if cfg.towers("ffn") > 1 else 0)
+        return {"attn": attn * (cfg.dim + 3 * cfg.dim) + attn * 2 * cfg.dim, "ffn": ffn * 2 * cfg.dim, "norm": norm}
     return {
         "attn": 4 * cfg.dim * cfg.dim,  # fused QKV + output projection
         "ffn": 3 * cfg.dim * cfg.ffn_hidden,  # SwiGLU w1, w3, w2
-        "norm": 2 * cfg.dim + qk_norm,  # attention and FFN norms (+ per-head q/k norm gains)
+        "norm": norm,
     }
+
+
+def _tower_stack(cfg: ModelConfig, modality: int) -> int:
+    """Parameters of the tower stack a token of `modality` runs through: every layer and the final norm."""
+    return cfg.n_layers * sum(_layer_params(cfg, modality).values()) + cfg.dim
 
 
 def _mixture(cfg: ModelConfig) -> dict[str, float]:
@@ -70,14 +84,13 @@ def _mixture(cfg: ModelConfig) -> dict[str, float]:
 
 
 def param_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(total, embedding + head, one tower stack)."""
+    """(total, embedding + head, one tower stack: the first modality's)."""
     vocab = UnifiedVocab(cfg).size
     embedding = vocab * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    layer = _layer_params(cfg)
+    layers = [_layer_params(cfg, m) for m in range(cfg.n_modalities)]
     total = embedding + cfg.towers("norm") * cfg.dim  # final norm(s)
-    total += cfg.n_layers * sum(cfg.towers(part) * n for part, n in layer.items())
-    one_tower = cfg.n_layers * sum(layer.values()) + cfg.dim
-    return total, embedding, one_tower
+    total += cfg.n_layers * sum(layers[m][part] for part in layers[0] for m in range(cfg.towers(part)))
+    return total, embedding, _tower_stack(cfg, 0)
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: AttentionCount) -> float:
@@ -89,13 +102,15 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: Attenti
 def size_report(cfg: ModelConfig, seq_len: int, attention: AttentionCount = "causal") -> SizeReport:
     total, embedding, one_tower = param_counts(cfg)
     vocab = UnifiedVocab(cfg).size
-    layer = _layer_params(cfg)
-    # Matrix parameters one token multiplies with: its tower's projections and the shared head.
-    matmul_params = cfg.n_layers * (layer["attn"] + layer["ffn"]) + vocab * cfg.dim
     attn = attention_flops_per_token(cfg, seq_len, attention)
-    forward = 2 * matmul_params + attn
     names = [m.name for m in cfg.modalities]
-    active = {name: embedding + one_tower for name in names}
+    active, forward = {}, {}
+    for m, name in enumerate(names):
+        layer = _layer_params(cfg, m)
+        # Matrix parameters one token multiplies with: its tower's projections and the shared head.
+        matmul_params = cfg.n_layers * (layer["attn"] + layer["ffn"]) + vocab * cfg.dim
+        forward[name] = 2 * matmul_params + attn
+        active[name] = embedding + _tower_stack(cfg, m)
     mix = _mixture(cfg)
     return SizeReport(
         total_params=total,
@@ -103,9 +118,9 @@ def size_report(cfg: ModelConfig, seq_len: int, attention: AttentionCount = "cau
         tower_params=one_tower,
         active_params=active,
         active_params_mixed=sum(mix[n] * active[n] for n in names),
-        flops_forward={n: forward for n in names},
-        flops_forward_backward={n: 3 * forward for n in names},
-        flops_forward_backward_mixed=sum(mix[n] * 3 * forward for n in names),
+        flops_forward=forward,
+        flops_forward_backward={n: 3 * forward[n] for n in names},
+        flops_forward_backward_mixed=sum(mix[n] * 3 * forward[n] for n in names),
         attention_flops_forward=attn,
         seq_len=seq_len,
     )

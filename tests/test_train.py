@@ -306,3 +306,18 @@ def test_train_command_prepares_the_demo_corpus_and_trains(tmp_path, monkeypatch
     assert report["images"] == 6 and 0 <= report["rate"] <= 1 and report["chance"] == pytest.approx(1 / 6)
     assert (run / "samples" / "colour_grid.png").is_file()
     assert all(Path(p).is_file() for p in report["pages"])
+
+
+def test_init_from_starts_a_new_run_from_other_weights(shards, tmp_path):
+    source = train(run_config(shards, tmp_path / "a", steps=4), progress=False)
+    fresh = run_config(shards, tmp_path / "b", steps=4)
+    trainer = Trainer(fresh, progress=False, init_from=str(source.checkpoint))
+    saved = load_file(source.checkpoint / "model.safetensors")
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in saved.items())
+    assert trainer.step == 0 and trainer.scheduler.last_epoch == 0  # a new schedule, not a resume
+    other = run_config(shards, tmp_path / "c", steps=4)
+    other.model.dim = 64
+    from mot.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dim"):
+        Trainer(other, progress=False, init_from=str(source.checkpoint))

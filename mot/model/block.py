@@ -17,6 +17,7 @@ from torch import nn
 
 from mot.config import ModelConfig
 from mot.model.masks import BlockMask, flex
+from mot.model.pattention import tower_projection
 from mot.model.rope import apply_rotary
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm
 
@@ -40,9 +41,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        towers = cfg.towers("attn")
-        self.qkv = TowerLinear(towers, cfg.dim, 3 * cfg.dim)
-        self.out = TowerLinear(towers, cfg.dim, cfg.dim)
+        self.qkv = tower_projection(cfg, "attn", cfg.dim, 3 * cfg.dim)
+        self.out = tower_projection(cfg, "attn", cfg.dim, cfg.dim)
         # QK norms are norms: untied with "norm", like the reference's per-modality q/k norms.
         self.q_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -83,6 +83,19 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up, route)
 
 
+class PattentionFeedForward(nn.Module):
+    """TokenFormer's FFN: one Pattention dim -> dim. Its keys and values play the two weight matrices of an MLP
+    with one hidden unit per parameter token and the modified softmax as the activation, so SwiGLU's gate has
+    no counterpart; Pattention inside SwiGLU would stack two nonlinearities per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = tower_projection(cfg, "ffn", cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return self.proj(x, route)
+
+
 class MoTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,7 +103,7 @@ class MoTBlock(nn.Module):
         self.attn_norm = TowerRMSNorm(towers, cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = TowerRMSNorm(towers, cfg.dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = PattentionFeedForward(cfg) if cfg.projection == "pattention" else FeedForward(cfg)
         self.pre_norm = cfg.norm_placement == "pre"
 
     def forward(self, x: torch.Tensor, route: Route, inputs: AttentionInputs) -> torch.Tensor:

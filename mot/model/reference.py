@@ -11,9 +11,12 @@ baseline (`fast=True`: the model's rotary and SDPA, so only routing differs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from mot.model.pattention import TowerPattention
 from mot.model.rope import apply_rotary
 from mot.model.transformer import MoTTransformer
 
@@ -32,6 +35,26 @@ def _per_modality(x: torch.Tensor, masks: list[torch.Tensor], fn, out_dim: int) 
 
 def _linear(x, weight, masks):
     return _per_modality(x, masks, lambda rows, i: rows @ _tower(weight, i).T, weight.shape[1])
+
+
+def _pattention(x, module, masks, cfg, component):
+    """TokenFormer's Pattention per modality, written out: GeLU(S tau / ||S||_2) V with S = x K^T."""
+
+    def attend(rows, i):
+        t = i if module.keys.shape[0] > 1 else 0
+        n = module.n_tokens[t]
+        scores = rows.double() @ module.keys[t, :n].double().T
+        scaled = scores * math.sqrt(cfg.tau_tokens_of(component, t)) / scores.pow(2).sum(-1, keepdim=True).sqrt()
+        theta = 0.5 * scaled * (1 + torch.erf(scaled / math.sqrt(2)))
+        return (theta @ module.values[t, :n].double()).to(rows.dtype)
+
+    return _per_modality(x, masks, attend, module.values.shape[-1])
+
+
+def _project(module, x, masks, cfg, component):
+    if isinstance(module, TowerPattention):
+        return _pattention(x, module, masks, cfg, component)
+    return _linear(x, module.weight, masks)
 
 
 def _rms_norm(x, weight, eps, masks):
@@ -66,7 +89,7 @@ def _attention(q, k, v, fast: bool) -> torch.Tensor:
 
 def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast, rope):
     n_rows, heads, head_dim = h.shape[0], cfg.n_heads, cfg.head_dim
-    q, k, v = _linear(h, attn.qkv.weight, masks).split(cfg.dim, dim=-1)
+    q, k, v = _project(attn.qkv, h, masks, cfg, "attn").split(cfg.dim, dim=-1)
     q, k, v = (t.reshape(n_rows, heads, head_dim) for t in (q, k, v))
     if attn.q_norm is not None:
         q = _rms_norm(q, attn.q_norm.weight, cfg.norm_eps, masks)
@@ -78,10 +101,12 @@ def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast, ro
     else:
         q, k = _rotary(q, positions, cfg.rope_theta), _rotary(k, positions, cfg.rope_theta)
     out = _attention(*(t.transpose(1, 2) for t in (q, k, v)), fast=fast)
-    return _linear(out.transpose(1, 2).reshape(n_rows, cfg.dim), attn.out.weight, masks)
+    return _project(attn.out, out.transpose(1, 2).reshape(n_rows, cfg.dim), masks, cfg, "attn")
 
 
-def _ffn_sublayer(ffn, h, masks):
+def _ffn_sublayer(ffn, h, masks, cfg):
+    if cfg.projection == "pattention":
+        return _pattention(h, ffn.proj, masks, cfg, "ffn")
     gate, up = _linear(h, ffn.w13.weight, masks).chunk(2, dim=-1)
     return _linear(F.silu(gate) * up, ffn.w2.weight, masks)
 
@@ -105,7 +130,7 @@ def mask_routed_blocks(
         attn_norm = lambda h, w=block.attn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
         ffn_norm = lambda h, w=block.ffn_norm.weight: _rms_norm(h, w, cfg.norm_eps, masks)
         attention = lambda h, a=block.attn: _attention_sublayer(a, h, masks, cfg, batch, seq_len, positions, fast, rope)
-        ffn = lambda h, f=block.ffn: _ffn_sublayer(f, h, masks)
+        ffn = lambda h, f=block.ffn: _ffn_sublayer(f, h, masks, cfg)
         if cfg.norm_placement == "pre":
             x = x + attention(attn_norm(x))
             x = x + ffn(ffn_norm(x))

@@ -14,6 +14,7 @@ from torch import nn
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
 from mot.model.kv_cache import KVCache, LayerWrite
+from mot.model.pattention import TowerPattention
 from mot.model.rope import RotaryEmbedding
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
 from mot.vocab import UnifiedVocab
@@ -43,6 +44,10 @@ class MoTTransformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, std=std)
         for block in self.blocks:
+            if self.cfg.projection == "pattention":  # keys like inputs of a linear layer, values like its weight
+                for proj, value_std in ((block.attn.qkv, std), (block.attn.out, out_std), (block.ffn.proj, out_std)):
+                    proj.reset_parameters(std, value_std)
+                continue
             for linear in (block.attn.qkv, block.ffn.w13):
                 nn.init.normal_(linear.weight, std=std)
             for linear in (block.attn.out, block.ffn.w2):
@@ -170,4 +175,6 @@ class MoTTransformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, TowerLinear | TowerRMSNorm) and module.weight.shape[0] > 1:
                 out[f"{name}.weight"] = module.weight[tower]
+            if isinstance(module, TowerPattention) and module.keys.shape[0] > 1:
+                out[f"{name}.keys"], out[f"{name}.values"] = module.keys[tower], module.values[tower]
         return out

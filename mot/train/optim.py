@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mot.config import TrainConfig
+from mot.model.pattention import TowerPattention
 from mot.model.routing import TowerLinear
 
 
@@ -22,7 +23,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            is_matrix = isinstance(module, TowerLinear | nn.Linear) and name == "weight"
+            is_matrix = (isinstance(module, TowerLinear | nn.Linear) and name == "weight") or isinstance(
+                module, TowerPattention)  # parameter tokens are the rows of a projection's matrices
             (decay if is_matrix else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -143,7 +143,7 @@ def per_modality(names: list[str], loss_sum: torch.Tensor, count: torch.Tensor, 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None,
-                 overwrite: bool = False, progress: bool = True):
+                 overwrite: bool = False, progress: bool = True, init_from: str | None = None):
         check_trainable(cfg, where)
         self.cfg, self.where, self.progress = cfg, where, progress
         self.accelerator = acc = _accelerator(cfg)
@@ -161,6 +161,13 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = MoTTransformer(cfg.model)
+        if init_from is not None and self.resume_from is None:
+            from mot.grow import load_weights_into  # a ConfigError names any architecture mismatch
+
+            meta = load_weights_into(model, init_from, where)
+            if acc.is_main_process:
+                print(f"mot: weights from {init_from} ({meta.get('operation', 'trained')}); "
+                      "fresh optimizer, schedule and data order")
         self.vocab, self.names = model.vocab, [m.name for m in cfg.model.modalities]
         self.loss_weights = torch.tensor([m.loss_weight for m in cfg.model.modalities], device=acc.device)
         if cfg.train.activation_checkpointing:
@@ -186,6 +193,7 @@ class Trainer:
         self.flops_per_token = report.flops_forward_backward_mixed
         self.peak = peak_flops(acc.device, cfg.train.peak_tflops)
         self.step, self.tokens_seen, self.wall_s, self.skipped, self.skipped_in_row = 0, 0, 0.0, 0, 0
+        self.flops_seen = 0.0  # summed step by step: after `mot grow`, earlier tokens keep their old cost
         if self.resume_from is not None:
             self._load(self.resume_from)
 
@@ -205,6 +213,9 @@ class Trainer:
         )
 
         optimizer_state, rng, meta = ckpt.load_training_state(path)
+        if meta.get("weights_only"):
+            raise ConfigError(f"{self.where}: {path} holds weights only (mot {meta.get('operation')}); "
+                              f"start a run from it with --init-from {path}")
         saved_model = meta["config"]["model"]
         diff = _model_diff(saved_model, config_to_dict(self.cfg)["model"])
         if diff:
@@ -217,6 +228,7 @@ class Trainer:
         self.train_loader.load_state_dict(meta["loader"])
         ckpt.restore_rng(rng, meta.get("python_rng"))
         self.step, self.tokens_seen, self.wall_s = meta["step"], meta["tokens_seen"], meta["wall_s"]
+        self.flops_seen = meta.get("flops_seen", self.tokens_seen * self.flops_per_token)
         self.skipped = meta.get("skipped_steps", 0)
         if self.accelerator.is_main_process:
             print(f"mot: resumed from {path} at step {self.step}")
@@ -312,7 +324,7 @@ class Trainer:
         if acc.is_main_process:
             meta = {
                 "tokens_seen": self.tokens_seen, "wall_s": self.wall_s, "skipped_steps": self.skipped,
-                "flops_seen": self.tokens_seen * self.flops_per_token,
+                "flops_seen": self.flops_seen,
                 "scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(),
                 "python_rng": ckpt.python_rng_state(), "config": config_to_dict(self.cfg),
                 "tokenizers": str(Path(self.cfg.data.tokenizers).resolve()) if self.cfg.data.tokenizers else "",
@@ -351,6 +363,7 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
+                self.flops_seen += self.tokens_per_step * self.flops_per_token
                 self.wall_s += seconds
                 result.losses.append(weighted)
                 if problem is None:
@@ -401,7 +414,7 @@ class Trainer:
         tqdm.write(f"mot: {problem}: update skipped")
 
     def _counters(self) -> dict[str, float]:
-        return {"tokens": self.tokens_seen, "flops": self.tokens_seen * self.flops_per_token,
+        return {"tokens": self.tokens_seen, "flops": self.flops_seen,
                 "wall_s": round(self.wall_s, 3)}
 
     def _train_row(self, window: _Window, lr: float, grad_norm: float) -> dict[str, Any]:
@@ -423,5 +436,5 @@ class Trainer:
 
 
 def train(cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None, overwrite: bool = False,
-          progress: bool = True) -> TrainResult:
-    return Trainer(cfg, where, resume, overwrite, progress).fit()
+          progress: bool = True, init_from: str | None = None) -> TrainResult:
+    return Trainer(cfg, where, resume, overwrite, progress, init_from).fit()
