@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from mot import grow as ops  # noqa: E402
 from mot.compare import compare_runs, markdown_table  # noqa: E402
