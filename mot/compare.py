@@ -108,7 +108,8 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
         raise CompareError("compare needs at least two run folders")
     reference = next((r for r in runs if r.dense), runs[0])
     keys = ["loss", *(f"loss/{m}" for m in reference.modalities)]
-    report: dict[str, Any] = {"reference": reference.name, "keys": keys, "runs": []}
+    report: dict[str, Any] = {"reference": reference.name, "reference_dense": reference.dense, "keys": keys,
+                              "runs": []}
     for run in runs:
         final = run.evals[-1]
         entry = {
@@ -134,8 +135,9 @@ def _fraction(value: float | None) -> str:
 def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
     names = ["all" if k == "loss" else k.split("/", 1)[1] for k in keys]
     lines = [
-        f"Reference (dense): {report['reference']}. Fraction = share of the reference's training FLOPs at which a run "
-        "first reaches the reference's final eval loss (linear interpolation between evaluations).",
+        f"Reference: {report['reference']}{' (dense)' if report.get('reference_dense') else ''}. Fraction = share "
+        "of the reference's training FLOPs at which a run first reaches the reference's final eval loss (linear "
+        "interpolation between evaluations).",
         "",
         "| run | kind | steps | training FLOPs | " + " | ".join(f"final eval {n}" for n in names)
         + " | " + " | ".join(f"FLOPs to match, {n}" for n in names) + " |",
