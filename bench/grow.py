@@ -9,11 +9,11 @@ Three runs of the same recipe with model.projection = "pattention", one schedule
 - grown:   the small run's checkpoint at step `before`, grown to growth x P tokens (`mot grow`: zero keys, so the
            function is unchanged), resumed with the same optimizer moments, schedule and data position;
 - scratch: growth x P tokens from step 0.
-The trainer counts FLOPs as tokens x the current model's FLOPs per token, which would charge the grown run's
-first `before` steps at the grown size; its curve is rebuilt here (small run's rows up to the growth, then the
-grown run's rows with the FLOPs recounted), in `grown-curve/`. Writes OUT/compare/{compare.png,md,json} (the
-scratch run is the reference: the FLOPs fraction at which the others reach its final loss), and OUT/grow.md
-with every run's eval loss against training FLOPs.
+The grown run's curve is assembled in `grown-curve/`: the small run's rows up to the growth, then the
+grown run's rows, FLOPs counted at the small model's cost before the growth and the grown one's after it
+(the same count the trainer now keeps itself, step by step, across a grown checkpoint).
+Writes OUT/compare/{compare.png,md,json} (the scratch run is the reference: the FLOPs fraction at which the
+others reach its final loss), and OUT/grow.md with every run's eval loss against training FLOPs.
 """
 
 from __future__ import annotations

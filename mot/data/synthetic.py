@@ -1,6 +1,6 @@
 """Synthetic interleaved batches: modality layouts and random ids inside each modality's range.
 
-For tests, benchmarks and the placeholder main job; real data comes from `mot prepare`.
+For tests and benchmarks; real data comes from `mot prepare`.
 """
 
 from __future__ import annotations
