@@ -41,3 +41,25 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMas
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def mixed_mask(document_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids and bidirectional-span ids (-1 outside a span, k >= 0 inside span k) -> a boolean
+    (B, 1, T, T) mask for the Transfusion setting: causal across the sequence, bidirectional inside each
+    image span (a span token also sees later tokens of its own span), never across documents."""
+    seq_len = document_ids.shape[-1]
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    same_span = (span_ids[:, :, None] == span_ids[:, None, :]) & (span_ids[:, :, None] >= 0)
+    return (same_doc & (causal | same_span))[:, None]
+
+
+def mixed_block_mask(document_ids: torch.Tensor, span_ids: torch.Tensor) -> BlockMask:
+    """The FlexAttention form of `mixed_mask`."""
+    batch, seq_len = document_ids.shape
+
+    def mask_mod(b, h, q, kv):
+        same_span = (span_ids[b, q] == span_ids[b, kv]) & (span_ids[b, q] >= 0)
+        return (document_ids[b, q] == document_ids[b, kv]) & ((q >= kv) | same_span)
+
+    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=document_ids.device)
