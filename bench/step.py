@@ -35,7 +35,7 @@ from mot.model import MoTTransformer  # noqa: E402
 from mot.model.masks import document_block_mask  # noqa: E402
 from mot.objectives.ar import next_token_loss  # noqa: E402
 from mot.train.optim import build_optimizer  # noqa: E402
-from mot.train.trainer import PEAK_BF16_FLOPS  # noqa: E402
+from mot.train.trainer import peak_flops  # noqa: E402
 
 
 def recipe(args) -> ModelConfig:
@@ -192,7 +192,7 @@ def main() -> int:
     peak = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((p for k, p in PEAK_BF16_FLOPS.items() if k in name), None)
+        peak = peak_flops(device, 0.0)
         print(f"{name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak
               else name)
     for label, cfg in configs.items():

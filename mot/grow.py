@@ -318,8 +318,5 @@ def load_weights_into(model: MoTTransformer, path: str | Path, where: str = "--i
     if diff:
         raise GrowError(f"{where}: {found} holds another model than the recipe's ({'; '.join(diff)}); use its "
                         f"recipe ({found.parent.parent / 'recipe.toml'} for mot grow/upcycle/add-modality output)")
-    try:
-        model.load_state_dict(ckpt.load_model_state(found))
-    except RuntimeError as err:
-        raise ckpt.CheckpointError(f"{found}: weights do not fit the model of its config: {err}") from None
+    ckpt.load_weights(model, found)
     return meta

@@ -23,13 +23,17 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     def same_document_causal(b, h, q, kv):
         return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
 
+    return _create(same_document_causal, batch, seq_len, document_ids.device)
+
+
+def _create(mask_mod, batch: int, seq_len: int, device: torch.device) -> BlockMask:
     create = create_block_mask
-    if document_ids.is_cuda:  # eager creation evaluates the mask at all T x T points: ms per batch
+    if device.type == "cuda":  # eager creation evaluates the mask at all T x T points: ms per batch
         global _compiled_create
         if _compiled_create is None:
             _compiled_create = torch.compile(create_block_mask)
         create = _compiled_create
-    return create(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
+    return create(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
@@ -62,4 +66,4 @@ def mixed_block_mask(document_ids: torch.Tensor, span_ids: torch.Tensor) -> Bloc
         same_span = (span_ids[b, q] == span_ids[b, kv]) & (span_ids[b, q] >= 0)
         return (document_ids[b, q] == document_ids[b, kv]) & ((q >= kv) | same_span)
 
-    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=document_ids.device)
+    return _create(mask_mod, batch, seq_len, document_ids.device)

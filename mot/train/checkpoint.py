@@ -170,6 +170,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no checkpoint here (expected a step-* folder, or a run folder holding them)")
 
 
+def load_weights(model, path: Path) -> None:
+    """A checkpoint folder's weights into `model`; a CheckpointError when they do not fit."""
+    try:
+        model.load_state_dict(load_model_state(path))
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model of its config: {err}") from None
+
+
 def load_for_inference(path: str | Path):
     """(model in eval mode on the CPU, its RunConfig, the tokenizers folder or None) from a checkpoint or a
     run folder (its latest checkpoint)."""
@@ -179,10 +187,7 @@ def load_for_inference(path: str | Path):
     meta = read_meta(ckpt)
     cfg: RunConfig = config_from_dict(meta["config"], where=f"{ckpt}/meta.json")
     model = MoTTransformer(cfg.model)
-    try:
-        model.load_state_dict(load_model_state(ckpt))
-    except RuntimeError as err:
-        raise CheckpointError(f"{ckpt}: weights do not fit the model of its config: {err}") from None
+    load_weights(model, ckpt)
     run_dir = ckpt.parent.parent
     tokenizers = run_dir / "tokenizers"
     if not tokenizers.is_dir():
