@@ -137,12 +137,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     table = Table(title=f"{cfg.name}: step {result.step}, run folder {result.run_dir}")
     for col in ("modality", "train loss (last window)", "eval loss", "eval perplexity"):
         table.add_column(col, justify="left" if col == "modality" else "right")
+    diffusion = {f"loss/{m.name}" for m in cfg.model.modalities if m.is_diffusion}  # an MSE: no perplexity
     for key in ("loss", *(f"loss/{m.name}" for m in cfg.model.modalities)):
         train_loss, eval_loss = result.train_loss.get(key), result.eval_loss.get(key)
-        table.add_row("all (weighted)" if key == "loss" else key[5:],
+        table.add_row("all (weighted)" if key == "loss" else key[5:] + (" (diffusion MSE)" if key in diffusion else ""),
                       f"{train_loss:.4f}" if train_loss is not None else "-",
                       f"{eval_loss:.4f}" if eval_loss is not None else "-",
-                      f"{math.exp(eval_loss):.2f}" if eval_loss is not None else "-")
+                      "-" if eval_loss is None or key in diffusion or (key == "loss" and diffusion)
+                      else f"{math.exp(eval_loss):.2f}")
     console.print(table)
     console.print(f"checkpoint: {result.checkpoint}\nloss curves: {result.plot}")
     if args.recipe is None:  # the README's main job: show what the demo model generates

@@ -37,6 +37,26 @@ class ModalityConfig:
     # Expected share of tokens in the data; used for mixed active-params / FLOPs figures only.
     token_fraction: float = 0.0
     tokenizer: str = ""  # tokenizer recipe or checkpoint; read by data and generation, not the model
+    # objective = "diffusion" (Transfusion setting): an image span holds the VQGAN's continuous latent grid
+    # (the codebook vectors of its codes, normalised), patchified, instead of one token per code.
+    latent_channels: int = 0  # the VQGAN's embed_dim
+    latent_grid: int = 0  # the VQGAN's grid side h = w (codes per image = latent_grid ** 2)
+    patch_size: int = 1  # latent cells per side of one token: (latent_grid / patch_size) ** 2 tokens per image
+    schedule: Literal["ddpm_cosine", "flow"] = "ddpm_cosine"  # eps-prediction DDPM, or rectified-flow velocity
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.objective == "diffusion"
+
+    @property
+    def patch_dim(self) -> int:
+        """Size of one latent token: latent_channels * patch_size ** 2."""
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def latent_tokens(self) -> int:
+        """Tokens of one image span under diffusion."""
+        return (self.latent_grid // self.patch_size) ** 2
 
 
 @dataclass
@@ -196,8 +216,13 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
             fail(f"model.modalities.{i}.vocab_size", f"must be positive, got {mod.vocab_size}")
         if mod.loss_weight < 0:
             fail(f"model.modalities.{i}.loss_weight", f"must be >= 0, got {mod.loss_weight}")
+        _check_diffusion(mod, f"model.modalities.{i}", fail)
     if m.special_modality and m.special_modality not in names:
         fail("model.special_modality", f"names no modality: {m.special_modality!r} not in {names}")
+    special = m.special_modality or names[0]
+    if any(mod.is_diffusion and mod.name == special for mod in m.modalities):
+        fail("model.special_modality", f"is the diffusion modality {special!r}; special tokens (<boi>, <eoi>, ...) "
+                                       "need an 'ar' tower: put an 'ar' modality first or name one here")
     if m.n_special_tokens < 0:
         fail("model.n_special_tokens", f"must be >= 0, got {m.n_special_tokens}")
     bad = [u for u in m.untie if u not in UNTIE_CHOICES]
@@ -241,6 +266,22 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("data.prepare_workers", f"must be >= 0, got {d.prepare_workers}")
     if d.demo and not d.documents:
         fail("data.demo", "needs data.documents: the path the demo corpus is generated at")
+
+
+def _check_diffusion(mod: ModalityConfig, key: str, fail: Callable[[str, str], typing.NoReturn]) -> None:
+    latent_keys = ("latent_channels", "latent_grid")
+    if not mod.is_diffusion:
+        set_keys = [k for k in latent_keys if getattr(mod, k)] + (["patch_size"] if mod.patch_size != 1 else [])
+        if set_keys:
+            fail(f"{key}.{set_keys[0]}", f"only applies with objective = 'diffusion' (modality {mod.name!r} is "
+                                         f"{mod.objective!r})")
+        return
+    for k in latent_keys:
+        if getattr(mod, k) <= 0:
+            fail(f"{key}.{k}", f"must be positive for the diffusion modality {mod.name!r} (the VQGAN's "
+                               f"{'embed_dim' if k == 'latent_channels' else 'grid side'}), got {getattr(mod, k)}")
+    if mod.patch_size <= 0 or mod.latent_grid % mod.patch_size:
+        fail(f"{key}.patch_size", f"must be positive and divide latent_grid ({mod.latent_grid}), got {mod.patch_size}")
 
 
 def _check_pattention(m: ModelConfig, fail: Callable[[str, str], typing.NoReturn]) -> None:

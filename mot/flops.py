@@ -15,6 +15,17 @@ Conventions (the ones torchtitan and the PaLM appendix use):
   FlopCounterMode reports for an SDPA call.
 - A MoT token goes through exactly one tower, so MoT and dense of the same
   width do the same FLOPs per token; MoT holds more parameters.
+- Diffusion modalities (Transfusion setting): a latent token also runs its
+  modality's latent projections (mot.model.latent_io: input Linear, timestep
+  MLP, output Linear), and the shared head still runs over it (the model
+  computes logits at every position). The dense baseline keeps them. In
+  training, the input Linear and the timestep MLP's first Linear read inputs
+  that need no gradient (noised latents, sinusoidal features): their backward
+  is the weight gradient alone, 1x their forward instead of 2x. With `causal`
+  counting, a latent token also sees the later tokens of its own bidirectional
+  span: (n - 1) / 2 more keys on average for a span of n.
+- Sampling (`diffusion_image_sampling_flops`, `ar_image_sampling_flops`)
+  counts the exact keys each query attends to over a KV cache.
 """
 
 from __future__ import annotations
@@ -30,6 +41,10 @@ from mot.vocab import UnifiedVocab
 
 AttentionCount = Literal["causal", "full"]
 
+# mot.model.latent_io.TimestepEmbedding's sinusoidal features (its `frequencies` default); a test checks the
+# parameter count against the model.
+TIMESTEP_FREQUENCIES = 256
+
 
 @dataclass(frozen=True)
 class SizeReport:
@@ -41,8 +56,9 @@ class SizeReport:
     flops_forward: dict[str, float]  # per token, per modality
     flops_forward_backward: dict[str, float]
     flops_forward_backward_mixed: float
-    attention_flops_forward: float  # per token, included in flops_forward
+    attention_flops_forward: float  # per token, included in flops_forward (an AR token's; see the module doc)
     seq_len: int
+    latent_params: int = 0  # latent projections of every diffusion modality, included in total_params
 
 
 def dense_baseline(cfg: ModelConfig) -> ModelConfig:
@@ -74,6 +90,27 @@ def _tower_stack(cfg: ModelConfig, modality: int) -> int:
     return cfg.n_layers * sum(_layer_params(cfg, modality).values()) + cfg.dim
 
 
+def _latent_io(cfg: ModelConfig, modality: int) -> tuple[int, int, int]:
+    """`modality`'s latent projections (0s unless it is a diffusion modality): (parameters, matrix
+    parameters of the Linears whose input needs no gradient (input projection, timestep MLP's first layer),
+    matrix parameters of the others (timestep MLP's second layer, output projection))."""
+    mod = cfg.modalities[modality]
+    if not mod.is_diffusion:
+        return 0, 0, 0
+    d, p = cfg.dim, mod.patch_dim
+    leaf = p * d + TIMESTEP_FREQUENCIES * d
+    inner = d * d + d * p
+    biases = 3 * d + p
+    return leaf + inner + biases, leaf, inner
+
+
+def _matmul_params(cfg: ModelConfig, modality: int) -> int:
+    """Matrix parameters one (non-latent) token of `modality` multiplies with: its tower's projections and
+    the shared head."""
+    layer = _layer_params(cfg, modality)
+    return cfg.n_layers * (layer["attn"] + layer["ffn"]) + UnifiedVocab(cfg).size * cfg.dim
+
+
 def _mixture(cfg: ModelConfig) -> dict[str, float]:
     """Token share of each modality; uniform when the recipe gives none."""
     fractions = {m.name: m.token_fraction for m in cfg.modalities}
@@ -90,6 +127,7 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     layers = [_layer_params(cfg, m) for m in range(cfg.n_modalities)]
     total = embedding + cfg.towers("norm") * cfg.dim  # final norm(s)
     total += cfg.n_layers * sum(layers[m][part] for part in layers[0] for m in range(cfg.towers(part)))
+    total += sum(_latent_io(cfg, m)[0] for m in range(cfg.n_modalities))  # latent projections (diffusion)
     return total, embedding, _tower_stack(cfg, 0)
 
 
@@ -101,17 +139,22 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: Attenti
 
 def size_report(cfg: ModelConfig, seq_len: int, attention: AttentionCount = "causal") -> SizeReport:
     total, embedding, one_tower = param_counts(cfg)
-    vocab = UnifiedVocab(cfg).size
     attn = attention_flops_per_token(cfg, seq_len, attention)
     names = [m.name for m in cfg.modalities]
-    active, forward = {}, {}
+    active, forward, weight_grad_only = {}, {}, {}
     for m, name in enumerate(names):
-        layer = _layer_params(cfg, m)
-        # Matrix parameters one token multiplies with: its tower's projections and the shared head.
-        matmul_params = cfg.n_layers * (layer["attn"] + layer["ffn"]) + vocab * cfg.dim
-        forward[name] = 2 * matmul_params + attn
-        active[name] = embedding + _tower_stack(cfg, m)
+        matmul = _matmul_params(cfg, m)
+        latent, leaf, inner = _latent_io(cfg, m)
+        token_attn = attn
+        if latent and attention == "causal":  # the rest of its bidirectional span, (n - 1) / 2 keys on average
+            token_attn += cfg.n_layers * 2 * 2 * cfg.dim * (cfg.modalities[m].latent_tokens - 1) / 2
+        forward[name] = 2 * (matmul + leaf + inner) + token_attn
+        # Backward 2x forward, but the weight gradient alone (1x) for the Linears that read the latents and the
+        # timestep features: 2 * leaf fewer FLOPs than 3x forward (0 for an AR modality: the same numbers).
+        weight_grad_only[name] = 2 * leaf
+        active[name] = embedding + _tower_stack(cfg, m) + latent
     mix = _mixture(cfg)
+    forward_backward = {n: 3 * forward[n] - weight_grad_only[n] for n in names}
     return SizeReport(
         total_params=total,
         embedding_params=embedding,
@@ -119,11 +162,94 @@ def size_report(cfg: ModelConfig, seq_len: int, attention: AttentionCount = "cau
         active_params=active,
         active_params_mixed=sum(mix[n] * active[n] for n in names),
         flops_forward=forward,
-        flops_forward_backward={n: 3 * forward[n] for n in names},
-        flops_forward_backward_mixed=sum(mix[n] * 3 * forward[n] for n in names),
+        flops_forward_backward=forward_backward,
+        flops_forward_backward_mixed=sum(mix[n] * 3 * forward[n] - mix[n] * weight_grad_only[n] for n in names),
         attention_flops_forward=attn,
         seq_len=seq_len,
+        latent_params=sum(_latent_io(cfg, m)[0] for m in range(cfg.n_modalities)),
     )
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _modality_index(cfg: ModelConfig, modality: int | str) -> int:
+    if isinstance(modality, int):
+        return modality
+    names = [m.name for m in cfg.modalities]
+    if modality not in names:
+        raise ValueError(f"no modality {modality!r} in {names}")
+    return names.index(modality)
+
+
+def _query_flops(cfg: ModelConfig, matmul_params: int, queries: int, keys: float) -> float:
+    """Forward FLOPs of `queries` tokens that each multiply with `matmul_params` and attend to `keys` keys."""
+    return queries * (2 * matmul_params + cfg.n_layers * 2 * 2 * cfg.dim * keys)
+
+
+def diffusion_image_sampling_flops(
+    cfg: ModelConfig, modality: int | str, steps: int, prefix_len: int, guidance: bool = False
+) -> float:
+    """Forward FLOPs to sample one image span of a diffusion modality over a KV cache (inference: no backward).
+
+    With n = latent_tokens, P = prefix_len (the tokens before the span, <boi> included, already cached),
+    M = matrix parameters of a latent token (its tower's projections, the shared head, which the model
+    runs over every position, and the latent projections: input Linear, timestep MLP, output Linear),
+    L layers and width d, one pass of the span whose tokens see `keys` keys costs
+
+        pass(keys) = n * (2 M + 4 L d keys)
+
+    (QK^T and AV, 2 FLOPs per multiply-add each). A denoising pass sees the prefix and the whole span
+    bidirectionally (keys = P + n); with classifier-free guidance an unconditional stream, which sees only
+    <bod> <boi> and the span (keys = 2 + n), runs beside it at every step. After the last step one clean
+    pass (t = 0) of the conditional stream writes the span into the cache for what follows:
+
+        total = steps * pass(P + n) + [guidance] steps * pass(2 + n) + pass(P + n)
+    """
+    m = _modality_index(cfg, modality)
+    mod = cfg.modalities[m]
+    if not mod.is_diffusion:
+        raise ValueError(f"modality {mod.name!r} is {mod.objective!r}, not 'diffusion'")
+    if steps <= 0 or prefix_len < 0:
+        raise ValueError(f"need steps > 0 and prefix_len >= 0, got steps={steps}, prefix_len={prefix_len}")
+    n = mod.latent_tokens
+    _, leaf, inner = _latent_io(cfg, m)
+    matmul = _matmul_params(cfg, m) + leaf + inner
+    cond = _query_flops(cfg, matmul, n, prefix_len + n)
+    uncond = _query_flops(cfg, matmul, n, 2 + n) if guidance else 0.0
+    return steps * (cond + uncond) + cond
+
+
+def ar_image_sampling_flops(
+    cfg: ModelConfig, modality: int | str, prefix_len: int, guidance: bool = False, codes: int | None = None
+) -> float:
+    """Forward FLOPs to sample one image as `codes` discrete codes, one token per step over a KV cache: the
+    autoregressive counterpart of `diffusion_image_sampling_flops`, on the same model.
+
+    codes: tokens of one image; default, for a diffusion modality, its VQGAN's codes latent_grid ** 2 (the
+    same count as its latent tokens when patch_size is 1). With M = matrix parameters of one image token
+    (its tower's projections and the shared head; no latent projections), code i = 1..n, fed back as one
+    single-token step, sees the prefix P (<boi> included, already cached) and codes 1..i:
+
+        step(keys) = 2 M + 4 L d keys
+        total = sum_{i=1..n} step(P + i) + [guidance] sum_{i=1..n} step(2 + i)
+              = n 2 M + 4 L d (n P + n (n + 1) / 2)  [+ the same with P = 2]
+
+    The logits of code 1 come from <boi>'s step, counted with the prefix (as is the diffusion prefix).
+    """
+    m = _modality_index(cfg, modality)
+    mod = cfg.modalities[m]
+    if codes is None:
+        if not (mod.is_diffusion and mod.latent_grid > 0):
+            raise ValueError(f"modality {mod.name!r}: pass codes (tokens per image)")
+        codes = mod.latent_grid**2
+    if codes <= 0 or prefix_len < 0:
+        raise ValueError(f"need codes > 0 and prefix_len >= 0, got codes={codes}, prefix_len={prefix_len}")
+    matmul = _matmul_params(cfg, m)
+    mean_context = (codes + 1) / 2  # codes 1..i for i = 1..n
+    cond = _query_flops(cfg, matmul, codes, prefix_len + mean_context)
+    uncond = _query_flops(cfg, matmul, codes, 2 + mean_context) if guidance else 0.0
+    return cond + uncond
 
 
 # ---------------------------------------------------------------- measured

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mot.config import ModalityConfig
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.flops import dense_baseline, flop_counter, param_counts, size_report
+from mot.flops import (
+    ar_image_sampling_flops,
+    dense_baseline,
+    diffusion_image_sampling_flops,
+    flop_counter,
+    param_counts,
+    size_report,
+)
 from mot.model import MoTTransformer, routing
 from tests.conftest import tiny_config
 
@@ -62,3 +71,131 @@ def test_hand_computed_flops():
     assert report.flops_forward["text"] == 2 * matmul + attention
     causal = size_report(cfg, 64, attention="causal").attention_flops_forward
     assert causal == pytest.approx(attention * 65 / 128)
+
+
+# ---------------------------------------------------------------- diffusion modalities (Transfusion setting)
+
+
+def diffusion_config(patch_size: int = 1, **overrides):
+    """tiny_config with its image modality under the diffusion objective: a 4x4 grid of 4-channel latents."""
+    image = ModalityConfig("image", 24, objective="diffusion", latent_channels=4, latent_grid=4, patch_size=patch_size)
+    return tiny_config(modalities=[ModalityConfig("text", 40), image, ModalityConfig("speech", 16)], **overrides)
+
+
+DIFFUSION_CONFIGS = {
+    "mot": diffusion_config(dim=64, ffn_dim=160, qk_norm=True),
+    "dense": diffusion_config(dim=64, ffn_dim=160, untie=[]),
+    "mot patch 2": diffusion_config(patch_size=2, dim=64, untie=["ffn"]),
+}
+
+
+@pytest.mark.parametrize("name", list(DIFFUSION_CONFIGS))
+def test_param_count_includes_the_latent_projections(name):
+    cfg = DIFFUSION_CONFIGS[name]
+    model = MoTTransformer(cfg)
+    total, _, _ = param_counts(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    report = size_report(cfg, 64)
+    assert report.latent_params == sum(p.numel() for p in model.latent_io.parameters()) > 0
+    assert report.total_params == total
+
+
+def _diffusion_step(model, cfg, generator, backward: bool):
+    """Counted forward (and backward) of the model on random spans, every image position a latent token.
+    Returns (measured FLOPs, tokens per modality)."""
+    batch, seq_len = 2, 64
+    tokens = tokens_for_layout(random_layout(batch, seq_len, [0, 1, 2], 12, generator), model.vocab, generator)
+    modality = model.vocab.modality_of(tokens)
+    n = int((modality == 1).sum())
+    latents = {1: torch.randn(n, cfg.modalities[1].patch_dim, generator=generator)}
+    times = {1: torch.rand(n, generator=generator)}
+    with flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
+        logits, predictions = model(tokens, modality, None, None, latents, times)
+        if backward:
+            (logits.float().square().mean() + predictions[1].square().mean()).backward()
+    counts = [int((modality == m).sum()) for m in range(cfg.n_modalities)]
+    return counter.get_total_flops(), counts
+
+
+@pytest.mark.parametrize("name", list(DIFFUSION_CONFIGS))
+@pytest.mark.parametrize("grouped", ["never", "always"])
+def test_diffusion_forward_flops_match_flop_counter(name, grouped, generator, monkeypatch):
+    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
+    cfg = DIFFUSION_CONFIGS[name]
+    model = MoTTransformer(cfg)
+    measured, counts = _diffusion_step(model, cfg, generator, backward=False)
+    report = size_report(cfg, 64, attention="full")
+    predicted = sum(c * report.flops_forward[m.name] for c, m in zip(counts, cfg.modalities, strict=True))
+    assert counts[1] > 0
+    assert measured == pytest.approx(predicted, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["mot", "dense"])
+def test_diffusion_forward_backward_flops_match_flop_counter(name, generator):
+    """Backward: the latent input projection and the timestep MLP's first layer get weight gradients only."""
+    cfg = DIFFUSION_CONFIGS[name]
+    model = MoTTransformer(cfg)
+    measured, counts = _diffusion_step(model, cfg, generator, backward=True)
+    report = size_report(cfg, 64, attention="full")
+    predicted = sum(c * report.flops_forward_backward[m.name] for c, m in zip(counts, cfg.modalities, strict=True))
+    assert measured == pytest.approx(predicted, rel=0.02)
+
+
+def test_hand_computed_diffusion_token_flops():
+    """d=64, L=2, ffn=160, vocab 128, latent tokens of 4 numbers (n = 16 per image), T=64."""
+    cfg = diffusion_config(dim=64, ffn_dim=160)
+    full, causal = size_report(cfg, 64, attention="full"), size_report(cfg, 64, attention="causal")
+    tower_and_head = 2 * (4 * 64 * 64 + 3 * 64 * 160) + 128 * 64
+    leaf = 4 * 64 + 256 * 64  # input projection, timestep MLP's first layer: no input gradient
+    inner = 64 * 64 + 64 * 4  # timestep MLP's second layer, output projection
+    attention = 2 * 2 * 2 * 64 * 64
+    assert full.flops_forward["image"] == 2 * (tower_and_head + leaf + inner) + attention
+    assert full.flops_forward["text"] == 2 * tower_and_head + attention  # AR tokens: unchanged
+    assert full.flops_forward_backward["image"] == 3 * (2 * (tower_and_head + inner) + attention) + 2 * 2 * leaf
+    # Causal: a latent token also sees the rest of its bidirectional span, (16 - 1) / 2 more keys on average.
+    span = 2 * 2 * 2 * 64 * 15 / 2
+    assert causal.flops_forward["image"] == pytest.approx(
+        2 * (tower_and_head + leaf + inner) + attention * 65 / 128 + span
+    )
+    assert full.latent_params == leaf + inner + 3 * 64 + 4
+    assert full.active_params["image"] == full.active_params["text"] + full.latent_params
+
+
+def test_dense_baseline_of_a_diffusion_recipe_keeps_the_latent_projections():
+    cfg = diffusion_config(dim=64)
+    mot, dense = size_report(cfg, 64), size_report(dense_baseline(cfg), 64)
+    assert mot.flops_forward == dense.flops_forward
+    assert mot.flops_forward_backward_mixed == dense.flops_forward_backward_mixed
+    assert mot.latent_params == dense.latent_params > 0
+    assert mot.total_params - mot.embedding_params - mot.latent_params == 3 * (
+        dense.total_params - dense.embedding_params - dense.latent_params
+    )
+
+
+def test_hand_computed_image_sampling_flops():
+    """d=32, L=2, ffn=48, vocab 128; n = 16 latent tokens of 4 numbers; prefix P = 5, 3 steps."""
+    cfg = diffusion_config()
+    tower_and_head = 2 * (4 * 32 * 32 + 3 * 32 * 48) + 128 * 32  # 21504
+    latent_io = 4 * 32 + 256 * 32 + 32 * 32 + 32 * 4  # 9472
+    attend = 2 * 2 * 2 * 32  # FLOPs per key per query, all layers
+
+    def denoise_pass(keys):  # 16 latent tokens, each seeing `keys` keys
+        return 16 * (2 * (tower_and_head + latent_io) + attend * keys)
+
+    cond, uncond = denoise_pass(5 + 16), denoise_pass(2 + 16)
+    assert (cond, uncond) == (1_077_248, 1_064_960)
+    assert diffusion_image_sampling_flops(cfg, "image", steps=3, prefix_len=5) == 3 * cond + cond
+    guided = diffusion_image_sampling_flops(cfg, 1, steps=3, prefix_len=5, guidance=True)
+    assert guided == 3 * (cond + uncond) + cond == 7_503_872
+
+    # AR over the same 16 codes: code i = 1..16 sees the prefix and codes 1..i; no latent projections.
+    ar = sum(2 * tower_and_head + attend * (5 + i) for i in range(1, 17))
+    ar_uncond = sum(2 * tower_and_head + attend * (2 + i) for i in range(1, 17))
+    assert ar_image_sampling_flops(cfg, "image", prefix_len=5) == ar == 743_424
+    assert ar_image_sampling_flops(cfg, "image", prefix_len=5, guidance=True) == ar + ar_uncond == 1_474_560
+    assert ar_image_sampling_flops(cfg, "text", prefix_len=5, codes=16) == ar  # same tower sizes
+
+    with pytest.raises(ValueError, match="diffusion"):
+        diffusion_image_sampling_flops(cfg, "text", steps=3, prefix_len=5)
+    with pytest.raises(ValueError, match="codes"):
+        ar_image_sampling_flops(cfg, "text", prefix_len=5)

@@ -13,7 +13,6 @@ from tests.conftest import tiny_config
 def test_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
     # Grouped matmul on the CPU too: the split fallback reads slice sizes on the host, a graph break.
     monkeypatch.setattr(routing, "GROUPED_MM", "always")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MoTTransformer(tiny_config(dim=64, ffn_dim=64)).to(torch.bfloat16).eval()  # grouped mm needs bf16
@@ -25,6 +24,7 @@ def test_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
     decoder = CachedDecoder(model, 4, len(prompt) + config.max_new_tokens)
     decoder._step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # tracing, no inductor
     decoder.compiled = True
-    compiled = generate(model, [prompt] * 2, config, decoder)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a context manager restores the flag cleanly
+        compiled = generate(model, [prompt] * 2, config, decoder)
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
     torch._dynamo.reset()

@@ -87,7 +87,8 @@ def test_grouped_path_over_padded_towers_equals_split_path(generator, monkeypatc
         out.square().sum().backward()
         results.append((out.detach(), layer.keys.grad.clone(), layer.values.grad.clone()))
     for split, grouped in zip(*results, strict=True):
-        torch.testing.assert_close(grouped, split, rtol=1e-5, atol=1e-6)
+        # Summation order differs between the two kernels (and across CPUs): float32 noise, scaled to the tensor.
+        torch.testing.assert_close(grouped, split, rtol=1e-4, atol=1e-5 * split.abs().max().item())
     assert torch.count_nonzero(results[1][1][0, 8:]) == 0  # padding: no gradient on the grouped path either
 
 

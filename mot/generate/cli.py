@@ -3,6 +3,9 @@
     mot generate --ckpt runs/demo --prompt "a red circle on the left" --then image --out gen/page.html
     mot generate --ckpt runs/demo --image shape.png --out gen/caption.html            (captioning)
     mot generate --ckpt runs/demo --prompt "a blue square" --samples 4 --guidance-scale 3 --out gen/p.html
+
+A checkpoint whose image modality is trained with the diffusion objective (Transfusion setting) samples
+its images by denoising latents (--diffusion-steps, --diffusion-eta), decoded by the VQGAN's decoder.
 """
 
 from __future__ import annotations
@@ -15,25 +18,43 @@ from typing import Any
 
 import torch
 
-from mot.generate.loop import CachedDecoder, GenerationConfig, generate
+from mot.config import ConfigError
+from mot.generate.diffusion import load_span_codecs
+from mot.generate.loop import CachedDecoder, GenerationConfig, cache_slots, generate
 from mot.generate.prompt import THEN, GenerationError, build_prompt, image_grid_of, load_tokenizers
 from mot.model.transformer import MoTTransformer
 from mot.tokenize.base import TokenizerError
 
 
-def generation_config(args: argparse.Namespace, tokenizers: dict[str, Any], model: MoTTransformer) -> GenerationConfig:
-    """The loop's settings from the options; image and speech generation need a tokenizer to decode them."""
+def generation_config(args: argparse.Namespace, tokenizers: dict[str, Any], model: MoTTransformer,
+                      codecs: dict[str, Any] | None = None) -> GenerationConfig:
+    """The loop's settings from the options; image and speech generation need a tokenizer to decode them.
+    codecs: the latent codec of a diffusion image modality (`diffusion_codecs`): its spans hold latent tokens."""
     names = [r.name for r in model.vocab.ranges]
-    image_tokens = None
+    image_tokens, clip = None, None
     if "image" in names and "image" in tokenizers:
         h, w = image_grid_of(tokenizers["image"])
         image_tokens = h * w
+    if codecs and "image" in codecs:
+        image_tokens, clip = codecs["image"].tokens_per_image, codecs["image"].bound
     speech_cap = args.speech_max_tokens if "speech" in names and "speech" in tokenizers else None
     return GenerationConfig(
         max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, guidance_scale=args.guidance_scale, image_tokens=image_tokens,
         speech_max_tokens=speech_cap, usable_ids={name: tok.vocab_size for name, tok in tokenizers.items()},
+        diffusion_steps=args.diffusion_steps, diffusion_eta=args.diffusion_eta, diffusion_clip=clip,
     )
+
+
+def diffusion_codecs(model: MoTTransformer, tokenizers: dict[str, Any], tokenizer_folder: Path | None,
+                     ) -> dict[str, Any]:
+    """The latent codec of a diffusion image modality, by name; {} when there is none or no image tokenizer."""
+    if "image" not in tokenizers:
+        return {}
+    try:
+        return load_span_codecs(model, tokenizer_folder, where=f"tokenizers {tokenizer_folder}")
+    except ConfigError as err:
+        raise GenerationError(str(err)) from None
 
 
 def _device(name: str) -> torch.device:
@@ -51,8 +72,12 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
     tokenizers = load_tokenizers(tokenizer_folder, model.vocab)
     if not tokenizers:
         print(f"note: no tokenizers found ({tokenizer_folder}): the page shows raw ids", file=sys.stderr)
+    codecs = diffusion_codecs(model, tokenizers, tokenizer_folder)
+    if codecs and args.image is not None:
+        raise GenerationError(f"--image {args.image}: the checkpoint's image modality is trained with diffusion; "
+                              "images in the prompt are not supported for it yet")
     prompt = build_prompt(model.vocab, tokenizers, args.prompt, args.image, args.audio, args.then)
-    config = generation_config(args, tokenizers, model)
+    config = generation_config(args, tokenizers, model, codecs)
     if config.image_tokens is None and "image" in [r.name for r in model.vocab.ranges]:
         print("note: no image tokenizer: the model may not open image spans", file=sys.stderr)
     if args.samples <= 0:
@@ -68,11 +93,11 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
         raise GenerationError("--compile needs a CUDA device and bf16 precision")
     model = model.to(device=device, dtype=dtype)
     decoder = None
-    if args.compile:
-        rows = args.samples * (2 if config.guided else 1)
-        decoder = CachedDecoder(model, rows, len(prompt) + args.max_tokens, compile=True)
-    start = time.perf_counter()
     try:
+        if args.compile:  # diffusion blocks run eager between the compiled steps
+            rows = args.samples * (2 if config.guided else 1)
+            decoder = CachedDecoder(model, rows, cache_slots(model, [prompt] * args.samples, config), compile=True)
+        start = time.perf_counter()
         results = generate(model, [prompt] * args.samples, config, decoder)
     except ValueError as err:
         raise GenerationError(str(err)) from None
@@ -84,7 +109,9 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
                 "seed": args.seed, "max_tokens": args.max_tokens, "guidance_scale": args.guidance_scale,
                 "samples": args.samples, "image_tokens": config.image_tokens,
                 "speech_max_tokens": config.speech_max_tokens}
-    return write_page(args.out, model.vocab, tokenizers, results, settings)
+    if codecs:
+        settings.update(diffusion_steps=config.diffusion_steps, diffusion_eta=config.diffusion_eta)
+    return write_page(args.out, model.vocab, tokenizers, results, settings, codecs)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -119,6 +146,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance inside image and speech spans (1 = off; 3-5 is usual for images)")
     p.add_argument("--samples", type=int, default=1, help="samples of the same prompt, generated as one batch")
     p.add_argument("--speech-max-tokens", type=int, default=500, help="cap on the units of one speech span")
+    p.add_argument("--diffusion-steps", type=int, default=50,
+                   help="denoising steps per image (a checkpoint whose image modality is trained with diffusion)")
+    p.add_argument("--diffusion-eta", type=float, default=1.0,
+                   help="ddpm_cosine schedule: 1 = ancestral DDPM, 0 = deterministic DDIM (flow: not used)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on a GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")

@@ -8,6 +8,9 @@ done (after <eod>). The state picks one row of a table of allowed-id masks:
     speech span   speech units (at least one), then units or <eos>; <eos> forced at the cap or the budget's end
     done          <pad> only (the sample waits for the rest of the batch)
 
+Under a diffusion image modality the loop fills an open image span itself (n latent tokens, their ids
+the placeholder) and advances the state through them, so <eoi> is the only choice after them.
+
 So text never holds an image code or a speech unit, an image span always holds the VQGAN grid's
 number of codes, and a span is opened only if the token budget lets it close: every generated
 span decodes. Ids past a tokenizer's size (`usable`) are never sampled, since they cannot be decoded.

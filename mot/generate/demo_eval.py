@@ -5,7 +5,8 @@
 
 For each palette colour the model gets captions "a <colour> <shape> in the center" and generates an image;
 the image's dominant non-background colour (`mot.data.checker.dominant_colour`) either is the named colour
-or not. Chance is 1 / number of colours.
+or not. Chance is 1 / number of colours. With a diffusion image modality the images are denoised latents,
+decoded by the VQGAN's decoder through the modality's `LatentCodec`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torchvision.utils import save_image
 
 from mot.data.checker import dominant_colour
 from mot.data.demo import COLOURS, PHRASES, SHAPES, caption_of
-from mot.generate.loop import GenerationConfig, generate
+from mot.generate.diffusion import load_span_codecs
+from mot.generate.loop import Generation, GenerationConfig, generate
 from mot.generate.prompt import build_prompt, image_grid_of, load_tokenizers
 from mot.generate.spans import split_spans
 from mot.model.transformer import MoTTransformer
@@ -32,29 +34,42 @@ def colour_prompts(per_colour: int) -> list[tuple[str, str]]:
             for colour in COLOURS for k in range(per_colour)]
 
 
-def decoded_images(ids: list[int], model: MoTTransformer, tokenizer: Any) -> list[torch.Tensor]:
+def decoded_images(result: Generation, model: MoTTransformer, tokenizer: Any, codec: Any = None) -> list[torch.Tensor]:
+    """The generated images of one sample: its image spans' codes, or with `codec` (a diffusion modality) its
+    latents, through the VQGAN decoder."""
+    if codec is not None:
+        return [tokenizer.decode_latents(codec.tokens_to_latents(z[None]))[0].float().cpu() for z in result.latents]
     h, w = image_grid_of(tokenizer)
-    spans = [s for s in split_spans(ids, model.vocab) if s.kind == "image" and s.closed and len(s.ids) == h * w]
+    spans = [s for s in split_spans(result.prompt + result.tokens, model.vocab)
+             if s.kind == "image" and s.closed and len(s.ids) == h * w]
     return [tokenizer.decode(torch.tensor(s.ids)).float().cpu() for s in spans]
 
 
 @torch.no_grad()
 def colour_match(model: MoTTransformer, tokenizers: dict[str, Any], per_colour: int = 8,
-                 guidance_scale: float = 3.0, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
-    """Generate one image per caption; the share whose dominant colour is the caption's colour."""
+                 guidance_scale: float = 3.0, seed: int = 0, out_dir: Path | None = None,
+                 codecs: dict[str, Any] | None = None, diffusion_steps: int = 50) -> dict[str, Any]:
+    """Generate one image per caption; the share whose dominant colour is the caption's colour.
+
+    codecs: the `LatentCodec` of a diffusion image modality by name (`mot.generate.diffusion.load_span_codecs`);
+    required when the image modality is trained with diffusion."""
     if "center" not in PHRASES:
         raise ValueError("the demo corpus has no 'center' position")
-    image = tokenizers["image"]
+    image, codec = tokenizers["image"], (codecs or {}).get("image")
+    if codec is None and "image" in model.diffusion_modalities.values():
+        raise ValueError("the image modality is trained with diffusion: colour_match needs its latent codec")
     h, w = image_grid_of(image)
+    span = codec.tokens_per_image if codec is not None else h * w
     pairs = colour_prompts(per_colour)
     prompts = [build_prompt(model.vocab, tokenizers, caption, then="image") for _, caption in pairs]
-    config = GenerationConfig(max_new_tokens=h * w + 2, seed=seed, guidance_scale=guidance_scale,
-                              image_tokens=h * w, usable_ids={n: t.vocab_size for n, t in tokenizers.items()})
+    config = GenerationConfig(max_new_tokens=span + 2, seed=seed, guidance_scale=guidance_scale, image_tokens=span,
+                              usable_ids={n: t.vocab_size for n, t in tokenizers.items()},
+                              diffusion_steps=diffusion_steps, diffusion_clip=codec.bound if codec else None)
     results = generate(model, prompts, config)
     per = {c: [0, 0] for c in COLOURS}
     images = []
     for (colour, _), result in zip(pairs, results, strict=True):
-        found = decoded_images(result.prompt + result.tokens, model, image)
+        found = decoded_images(result, model, image, codec)
         per[colour][1] += 1
         if found:
             per[colour][0] += dominant_colour(found[0]) == colour
@@ -79,7 +94,8 @@ def write_demo_samples(run_dir: str | Path, per_colour: int = 8, guidance_scale:
     out.mkdir(parents=True, exist_ok=True)
     model, _, tokenizer_folder = load_for_inference(run_dir)
     tokenizers = load_tokenizers(tokenizer_folder, model.vocab)
-    report = colour_match(model, tokenizers, per_colour, guidance_scale, out_dir=out)
+    codecs = load_span_codecs(model, tokenizer_folder, where=f"{run_dir}/tokenizers")
+    report = colour_match(model, tokenizers, per_colour, guidance_scale, out_dir=out, codecs=codecs)
     (out / "colour_match.json").write_text(json.dumps(report, indent=1))
 
     parser = argparse.ArgumentParser()

@@ -15,6 +15,19 @@ model's own generated text included), and needs no condition dropout in training
 documents are in the data. Inside image and speech spans the logits are mixed as
 uncond + scale * (cond - uncond), computed as cond + (scale - 1) * (cond - uncond) so that scale 1
 is exactly the conditional logits; elsewhere the conditional logits are used as they are.
+
+Diffusion image spans (Transfusion setting: the image modality's objective is "diffusion"). When a
+row's <boi> has been fed (sampled, or the prompt ends with it), its span is not sampled code by code:
+the next forward is a block of n slots for the whole batch, the placeholder id in the rows that open a
+span (their unconditional rows too, which restarted at the <boi> as above) and invisible <pad> slots in
+the others, whose next-token logits stay as they were. The span's latents start as per-sample noise
+(mot.generate.diffusion.span_generator) and every denoising pass rewrites the same slots
+(bidirectional inside the span, the cache length unchanged); the conditional and unconditional
+predictions mix like the logits. A last pass writes the clean latents at t = 0 and keeps them, so
+later tokens attend to the clean image, as in training. The span's rotary positions continue from the
+<boi> (n consecutive positions, as the trainer's LatentBatcher gives them); it counts as n tokens of the
+budget; <eoi> is then forced. Rows opening a span at the same step share one block; a block costs
+every other row n wasted, invisible slots, which `cache_slots` provisions.
 """
 
 from __future__ import annotations
@@ -23,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mot.generate.constraints import ModalityConstraints, SpanState
+from mot.generate.constraints import IMAGE, ModalityConstraints, SpanState
+from mot.generate.diffusion import SpanSpec, denoise_in_cache, span_generator
 from mot.generate.sampling import SamplingConfig, sample
 from mot.model.kv_cache import KVCache
 from mot.model.transformer import MoTTransformer
@@ -38,9 +52,13 @@ class GenerationConfig:
     seed: int = 0
     guidance_scale: float = 1.0  # classifier-free guidance inside image and speech spans; 1 = none
     guidance_stream: bool | None = None  # run the unconditional rows; None = only when guidance_scale != 1
-    image_tokens: int | None = None  # codes per image (VQGAN h * w); None = no images
+    image_tokens: int | None = None  # codes per image (VQGAN h * w; latent tokens under diffusion); None = no images
     speech_max_tokens: int | None = None  # cap on one speech span's units; None = no speech
     usable_ids: dict[str, int] = field(default_factory=dict)  # per modality: local ids its tokenizer decodes
+    # A diffusion image modality (its spans are denoised, not sampled code by code):
+    diffusion_steps: int = 50  # denoising passes per image span
+    diffusion_eta: float = 1.0  # ddpm_cosine schedule only: 1 ancestral DDPM, 0 deterministic DDIM
+    diffusion_clip: float | None = None  # bound on the predicted clean latents: the codec's `bound`; None = none
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -55,6 +73,10 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.diffusion_steps <= 0:
+            raise ValueError(f"diffusion_steps must be positive, got {self.diffusion_steps}")
+        if self.diffusion_eta < 0:
+            raise ValueError(f"diffusion_eta must be >= 0, got {self.diffusion_eta}")
         self.sampling  # noqa: B018 (checks temperature, top_k, top_p)
         return self
 
@@ -64,6 +86,9 @@ class Generation:
     prompt: list[int]
     tokens: list[int]  # the generated ids, <eod> included when the sample ended the document
     finished: bool  # ended with <eod> (False: stopped at max_new_tokens)
+    # Per diffusion image span, in order: its clean latent tokens (n, token_dim), CPU float32. The span's
+    # ids in `tokens` are n placeholders (the modality's first id).
+    latents: list[torch.Tensor] = field(default_factory=list)
 
 
 class CachedDecoder:
@@ -71,12 +96,17 @@ class CachedDecoder:
 
     compile=True compiles the single-token step with static shapes (mode="reduce-overhead": CUDA graphs
     on a GPU). A decoder, and its compiled graphs, can be reused for generations of the same shape.
+    `span_pass` (the block of a diffusion image span) always runs eager, compiled or not.
     """
 
     def __init__(self, model: MoTTransformer, rows: int, max_len: int, compile: bool = False):
         self.model = model
-        self.cache = KVCache.for_model(model, rows, max_len)
-        device = model.embed.weight.device
+        # Slots, not positions: diffusion blocks waste slots in the other rows, so a cache may hold more slots
+        # than max_seq_len (the rotary table's length; generate checks the positions against it).
+        cfg, weight = model.cfg, model.embed.weight
+        self.cache = KVCache(cfg.n_layers, rows, max_len, cfg.n_heads, cfg.head_dim, weight.dtype, weight.device)
+        self.pad = model.vocab.special_id("<pad>")
+        device = weight.device
         self.modality_table = model.vocab.modality_of(torch.arange(model.vocab.size, device=device))
         self.compiled = compile
         self._step = model.decode_step
@@ -110,6 +140,22 @@ class CachedDecoder:
         logits = self._step(tokens, modality, positions, self.cache, slot, visible)
         self.cache.length += 1
         return logits[:, -1].float()  # a copy: the graph's output buffer is overwritten by the next replay
+
+    def span_pass(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        latents: dict[int, torch.Tensor],
+        timesteps: dict[int, torch.Tensor],
+        advance: bool,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One pass of a diffusion block (rows, n), bidirectional inside it -> (float32 logits (rows, V) after
+        its last slot, latent predictions). advance=False: the next pass rewrites the same slots."""
+        logits, predictions = self.model.forward_cached(
+            tokens, self.modality_table[tokens], positions, self.cache, visible, last_only=True, latents=latents,
+            timesteps=timesteps, bidirectional=True, advance=advance)
+        return logits[:, -1].float(), predictions
 
 
 class _Rows:
@@ -150,6 +196,65 @@ class _Rows:
         return token, position, visible
 
 
+def diffusion_spec(model: MoTTransformer, config: GenerationConfig) -> SpanSpec | None:
+    """How image spans are denoised, when the image modality's objective is diffusion and images are on."""
+    names = [r.name for r in model.vocab.ranges]
+    if IMAGE not in names or config.image_tokens is None or not model.cfg.modalities[names.index(IMAGE)].is_diffusion:
+        return None
+    spec = SpanSpec.for_model(model, names.index(IMAGE), config.diffusion_steps, config.diffusion_eta,
+                              config.diffusion_clip, config.guidance_scale)
+    if config.image_tokens != spec.tokens:
+        raise ValueError(f"image_tokens={config.image_tokens}, but an image span of the diffusion modality holds "
+                         f"{spec.tokens} latent tokens ((latent_grid / patch_size) ** 2)")
+    return spec
+
+
+def cache_slots(model: MoTTransformer, prompts: list[list[int]], config: GenerationConfig) -> int:
+    """KV cache slots a generation may use: the widest prompt, one per step, and n per diffusion block (at most
+    one block for the prompts that end with <boi>, then one per span any sample can still fit)."""
+    slots = max(len(p) for p in prompts) + config.max_new_tokens
+    spec = diffusion_spec(model, config)
+    if spec is not None:
+        slots += spec.tokens * (1 + len(prompts) * (config.max_new_tokens // (spec.tokens + 2)))
+    return slots
+
+
+def _denoise_block(
+    decoder: CachedDecoder,
+    rows: _Rows,
+    spec: SpanSpec,
+    opening: list[int],
+    n_samples: int,
+    guided: bool,
+    logits: torch.Tensor,
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise the spans of the samples in `opening` (their <boi> just fed) in one block of the cache.
+
+    Returns the next-token logits (B, V), those of every other row unchanged, and the clean spans (k, n, dim)."""
+    device, n = decoder.device, spec.tokens
+    span_rows = opening + ([n_samples + i for i in opening] if guided else [])
+    positions = torch.zeros(len(rows.next_pos), n, dtype=torch.long)
+    for r in span_rows:  # n consecutive positions after the <boi> (restarted in an unconditional row)
+        positions[r] = torch.arange(rows.next_pos[r], rows.next_pos[r] + n)
+        rows.next_pos[r] += n
+    noise = torch.stack([torch.randn(n, spec.token_dim, generator=generators[i], device=device) for i in opening])
+    as_rows = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)
+    block_logits, clean = denoise_in_cache(decoder, spec, positions.to(device), as_rows(opening), noise,
+                                           [generators[i] for i in opening],
+                                           as_rows(span_rows[len(opening):]) if guided else None)
+    in_block = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=device)
+    in_block[as_rows(span_rows)] = True
+    return torch.where(in_block, block_logits, logits), clean
+
+
+def _through_span(rules: ModalityConstraints, state: SpanState, spec: SpanSpec) -> SpanState:
+    """The state after a denoised span: its n placeholders spent from the budget, <eoi> due."""
+    for _ in range(spec.tokens):
+        state = rules.advance(state, spec.placeholder)
+    return state
+
+
 @torch.no_grad()
 def generate(
     model: MoTTransformer,
@@ -162,10 +267,19 @@ def generate(
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token (<bod>)")
     rules = ModalityConstraints(model.vocab, config.image_tokens, config.speech_max_tokens, config.usable_ids)
+    spec = diffusion_spec(model, config)
+    if spec is not None:
+        image = model.vocab.ranges[spec.modality]
+        if any(image.start <= t < image.stop for p in prompts for t in p):
+            raise ValueError("a prompt holds image ids, but the image modality is diffusion: images in prompts are "
+                             "not supported there (end a prompt with <boi> to ask for an image)")
     states = [rules.start(p, config.max_new_tokens) for p in prompts]
     rows = _Rows(prompts, rules, config.guided, rules.id["<pad>"])
     n, batch = len(prompts), len(rows.tokens)
-    max_len = rows.width + config.max_new_tokens
+    if rows.width + config.max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"the prompts ({rows.width} tokens) plus max_new_tokens ({config.max_new_tokens}) exceed "
+                         f"model.max_seq_len ({model.cfg.max_seq_len})")
+    max_len = cache_slots(model, prompts, config)
     if decoder is None:
         decoder = CachedDecoder(model, batch, max_len)
     elif decoder.cache.batch != batch or decoder.cache.max_len < max_len:
@@ -176,9 +290,18 @@ def generate(
     logits = decoder.prefill(as_tensor(rows.tokens), as_tensor(rows.positions), as_tensor(rows.visible, torch.bool))
 
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    span_noise = [span_generator(config.seed, i, device) for i in range(n)] if spec is not None else []
     sampling, scale = config.sampling, config.guidance_scale
     out: list[list[int]] = [[] for _ in prompts]
+    latents: list[list[torch.Tensor]] = [[] for _ in prompts]
     for _ in range(config.max_new_tokens):
+        opening = [i for i, s in enumerate(states) if s.live and s.kind == IMAGE and s.count == 0] if spec else []
+        if opening:  # <boi> fed: denoise the spans, then <eoi> is the only choice
+            logits, clean = _denoise_block(decoder, rows, spec, opening, n, config.guided, logits, span_noise)
+            for i, x in zip(opening, clean, strict=True):
+                out[i] += [spec.placeholder] * spec.tokens
+                latents[i].append(x.float().cpu())
+                states[i] = _through_span(rules, states[i], spec)
         cond = logits[:n]
         if config.guided:
             in_span = as_tensor([s.in_span for s in states], torch.bool)[:, None]
@@ -205,7 +328,8 @@ def generate(
             break
         tokens, positions, visible = zip(*feed, strict=True)
         logits = decoder.step(as_tensor(tokens), as_tensor(positions), as_tensor(visible, torch.bool))
-    return [Generation(list(p), o, s.kind == "done") for p, o, s in zip(prompts, out, states, strict=True)]
+    return [Generation(list(p), o, s.kind == "done", z)
+            for p, o, s, z in zip(prompts, out, states, latents, strict=True)]
 
 
 def span_states(rules: ModalityConstraints, generation: Generation, budget: int) -> list[SpanState]:

@@ -2,6 +2,10 @@
 with an audio player), plus a JSON of the raw token ids.
 
     out/page.html   out/page.json   out/page-sample1-image1.png   out/page-sample1-speech1.wav ...
+
+An image span of a diffusion modality holds placeholder ids; its picture comes from the sample's latents
+(`Generation.latents`), through the modality's `LatentCodec` and the VQGAN decoder, and the latents
+themselves go to out/page-latents.safetensors (keys sample<i>-image<k>).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import soundfile
 import torch
+from safetensors.torch import save_file
 from torchvision.utils import save_image
 
 from mot.data.encode import vocab_layout
@@ -34,10 +39,12 @@ audio { display: block; margin: 0.5rem 0; }
 
 
 class _Renderer:
-    """Decodes spans to HTML, writing each image and speech span to a file beside the page."""
+    """Decodes spans to HTML, writing each image and speech span to a file beside the page.
 
-    def __init__(self, out: Path, tokenizers: dict[str, Any]):
-        self.out, self.tokenizers = out, tokenizers
+    codecs: the latent codec of a diffusion modality, by name: its spans are drawn from latents, not ids."""
+
+    def __init__(self, out: Path, tokenizers: dict[str, Any], codecs: dict[str, Any] | None = None):
+        self.out, self.tokenizers, self.codecs = out, tokenizers, codecs or {}
         self.files: list[Path] = []
 
     def _file(self, label: str, kind: str, index: int, suffix: str) -> Path:
@@ -45,7 +52,7 @@ class _Renderer:
         self.files.append(path)
         return path
 
-    def span(self, span: Span, label: str, index: int) -> str:
+    def span(self, span: Span, label: str, index: int, latents: torch.Tensor | None = None) -> str:
         tok = self.tokenizers.get(span.kind)
         if tok is None:
             return f'<p class="note">[{span.kind}: {len(span.ids)} ids, no {span.kind} tokenizer to decode them]</p>'
@@ -54,6 +61,8 @@ class _Renderer:
             return f'<span class="text">{html.escape(tok.decode(ids))}</span>'
         if not span.closed or not span.ids:
             return f'<p class="note">[unfinished {span.kind} span: {len(span.ids)} ids]</p>'
+        if span.kind in self.codecs:
+            return self.latent_image(span, label, index, latents)
         if span.kind == "image":
             h, w = image_grid_of(tok)
             if len(span.ids) != h * w:
@@ -66,12 +75,29 @@ class _Renderer:
         soundfile.write(path, wave, sample_rate_of(tok), subtype="PCM_16")
         return f'<audio controls src="{html.escape(path.name)}"></audio>'
 
-    def section(self, title: str, label: str, ids: list[int], vocab: UnifiedVocab, css: str = "") -> str:
+    def latent_image(self, span: Span, label: str, index: int, latents: torch.Tensor | None) -> str:
+        """A diffusion span: its latent tokens -> the VQGAN's latent grid -> its decoder."""
+        codec = self.codecs[span.kind]
+        if latents is None:
+            return f'<p class="note">[{span.kind} span of {len(span.ids)} latent tokens: no latents to decode]</p>'
+        if latents.shape != (codec.tokens_per_image, codec.token_dim):
+            return (f'<p class="note">[{span.kind} span with latents {tuple(latents.shape)}; the codec takes '
+                    f'({codec.tokens_per_image}, {codec.token_dim})]</p>')
+        grid = codec.tokens_to_latents(latents[None])
+        path = self._file(label, span.kind, index, ".png")
+        save_image(self.tokenizers[span.kind].decode_latents(grid)[0].float().cpu(), path)
+        return f'<img src="{html.escape(path.name)}" alt="{label} {span.kind} {index}">'
+
+    def section(self, title: str, label: str, ids: list[int], vocab: UnifiedVocab, css: str = "",
+                latents: list[torch.Tensor] | None = None) -> str:
+        """latents: the clean latents of the diffusion spans among `ids`, in order (a sample's `latents`)."""
         counts: dict[str, int] = {}
         parts = []
+        pending = iter(latents or [])
         for span in split_spans(ids, vocab):
             counts[span.kind] = counts.get(span.kind, 0) + 1
-            parts.append(self.span(span, label, counts[span.kind]))
+            span_latents = next(pending, None) if span.kind in self.codecs and span.closed else None
+            parts.append(self.span(span, label, counts[span.kind], span_latents))
         body = "".join(parts) or '<p class="note">[nothing]</p>'
         return f'<section class="{css}"><h2>{html.escape(title)}</h2><div>{body}</div></section>\n'
 
@@ -82,11 +108,14 @@ def write_page(
     tokenizers: dict[str, Any],
     results: list[Generation],
     settings: dict[str, Any] | None = None,
+    codecs: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write the page, its media files and `<stem>.json`; returns every path written, the page first."""
+    """Write the page, its media files and `<stem>.json`; returns every path written, the page first.
+
+    codecs: the `LatentCodec` of a diffusion image modality, by name (its spans are drawn from the latents)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    render = _Renderer(out, tokenizers)
+    render = _Renderer(out, tokenizers, codecs)
     settings = settings or {}
     shared = all(r.prompt == results[0].prompt for r in results)
     parts = []
@@ -99,7 +128,7 @@ def write_page(
             parts.append(render.section(title, label, result.prompt[:tail], vocab, "prompt"))
         ending = "ended the document" if result.finished else "stopped at max tokens"
         parts.append(render.section(f"sample {i} ({len(result.tokens)} tokens, {ending})", f"sample{i}",
-                                    result.prompt[tail:] + result.tokens, vocab))
+                                    result.prompt[tail:] + result.tokens, vocab, latents=result.latents))
     meta = html.escape(", ".join(f"{k}={v}" for k, v in settings.items()))
     page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mot generate</title>'
             f"<style>{STYLE}</style></head>\n<body><h1>mot generate</h1><p class=\"meta\">{meta}</p>\n"
@@ -108,9 +137,16 @@ def write_page(
     record = {
         "settings": settings,
         "vocab": vocab_layout(vocab),
-        "samples": [{"prompt": r.prompt, "tokens": r.tokens, "finished": r.finished} for r in results],
+        "samples": [{"prompt": r.prompt, "tokens": r.tokens, "finished": r.finished,
+                     **({"latent_spans": len(r.latents)} if r.latents else {})} for r in results],
         "files": [p.name for p in render.files],
     }
+    latents = {f"sample{i}-image{k}": z.contiguous() for i, r in enumerate(results, 1)
+               for k, z in enumerate(r.latents, 1)}
+    if latents:  # the diffusion spans' clean latent tokens, (n, token_dim) each
+        render.files.append(out.with_name(f"{out.stem}-latents.safetensors"))
+        save_file(latents, render.files[-1])
+        record["files"].append(render.files[-1].name)
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=1, default=str))
     return [out, json_path, *render.files]

@@ -81,11 +81,15 @@ class KVCache:
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {t} tokens exceed its {self.max_len} slots")
 
-    def append(self, visible: torch.Tensor) -> tuple[list[LayerWrite], torch.Tensor]:
+    def append(
+        self, visible: torch.Tensor, bidirectional: bool = False, advance: bool = True
+    ) -> tuple[list[LayerWrite], torch.Tensor]:
         """Writes for t new tokens at slots [length, length + t), and their attention mask (B, 1, t, length + t).
 
         visible: (B, t) bool, whether later tokens of the row may attend to each new token.
-        Advances `length`: call once per forward.
+        bidirectional: each new token also sees the later new ones (visible ones; an image span under diffusion).
+        advance: move `length` past them (call once per forward); False leaves it, so that the next append
+        overwrites the same slots (the denoising steps of a span).
         """
         t = visible.shape[1]
         self._check_room(t)
@@ -93,8 +97,10 @@ class KVCache:
         self.visible[:, start:stop] = visible
         keys = self.slots[:stop]
         query = self.slots[start:stop, None]  # (t, 1)
-        mask = (self.visible[:, None, :stop] & (keys <= query)) | (keys == query)  # (B, t, stop)
-        self.length = stop
+        seen = keys >= 0 if bidirectional else keys <= query
+        mask = (self.visible[:, None, :stop] & seen) | (keys == query)  # (B, t, stop)
+        if advance:
+            self.length = stop
         return [LayerWrite(k, v, start) for k, v in zip(self.k, self.v, strict=True)], mask[:, None]
 
     def at_slot(self, slot: torch.Tensor, visible: torch.Tensor) -> tuple[list[LayerWrite], torch.Tensor]:

@@ -14,6 +14,7 @@ from torch import nn
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
 from mot.model.kv_cache import KVCache, LayerWrite
+from mot.model.latent_io import LatentProjection
 from mot.model.pattention import TowerPattention
 from mot.model.rope import RotaryEmbedding
 from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
@@ -33,6 +34,10 @@ class MoTTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Diffusion modalities (Transfusion setting): continuous latent tokens in, regression targets out.
+        self.latent_io = nn.ModuleDict({m.name: LatentProjection(m.patch_dim, cfg.dim)
+                                        for m in cfg.modalities if m.is_diffusion})
+        self.diffusion_modalities = {i: m.name for i, m in enumerate(cfg.modalities) if m.is_diffusion}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -55,6 +60,8 @@ class MoTTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, TowerRMSNorm):
                 nn.init.ones_(module.weight)
+        for projection in self.latent_io.values():
+            projection.reset_parameters(std)
 
     def route(self, modality: torch.Tensor) -> Route:
         return route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense)
@@ -65,21 +72,54 @@ class MoTTransformer(nn.Module):
         modality: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        latents: dict[int, torch.Tensor] | None = None,
+        timesteps: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) final-normed hidden states.
 
         modality: (B, T) tower index per token; default from the id ranges.
         positions: (B, T) rotary positions (restart per packed document); default 0..T-1.
         attn_mask: boolean (B, 1, T, T), True = may attend; default causal.
+        latents, timesteps: per diffusion modality m, the noised latent tokens (N_m, token_dim) and their
+        times (N_m,) of the N_m positions where modality == m, in row-major order (see `embed_inputs`).
         """
         batch, seq_len = tokens.shape
         if modality is None:
             modality = self.vocab.modality_of(tokens)
         route = self.route(modality)
-        # Embed the ids in sorted order: cheaper than permuting the embedded rows.
-        x = self.embed(route.sort(tokens.reshape(-1)))
+        x = self.embed_inputs(tokens, modality, route, latents, timesteps)
         x = self.run_blocks(x, route, batch, seq_len, positions, attn_mask)
         return route.unsort(x).view(batch, seq_len, -1)
+
+    def embed_inputs(
+        self,
+        tokens: torch.Tensor,
+        modality: torch.Tensor,
+        route: Route,
+        latents: dict[int, torch.Tensor] | None,
+        timesteps: dict[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """(B*T, D) input rows in the route's sorted order: token embeddings, and at the positions of a
+        diffusion modality its latent tokens through the input projection plus the timestep embedding."""
+        if not latents:  # embed the ids in sorted order: cheaper than permuting the embedded rows
+            return self.embed(route.sort(tokens.reshape(-1)))
+        x = self.embed(tokens.reshape(-1))
+        flat_modality = modality.reshape(-1)
+        for m, z in latents.items():
+            where = (flat_modality == m).nonzero().squeeze(1)
+            if where.numel() != z.shape[0]:
+                raise ValueError(f"modality {m} has {where.numel()} positions but {z.shape[0]} latent tokens")
+            embedded = self.latent_io[self.diffusion_modalities[m]].embed(z, timesteps[m])
+            x = x.index_copy(0, where, embedded.to(x.dtype))
+        return route.sort(x)
+
+    def predict_latents(
+        self, hidden: torch.Tensor, modality: torch.Tensor, which: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        """Per diffusion modality in `which`, the output projection of the hidden states (B, T, D) at its
+        positions, in row-major order: (N_m, token_dim)."""
+        flat, flat_modality = hidden.reshape(-1, hidden.shape[-1]), modality.reshape(-1)
+        return {m: self.latent_io[self.diffusion_modalities[m]].predict(flat[flat_modality == m]) for m in which}
 
     def run_blocks(
         self,
@@ -103,9 +143,21 @@ class MoTTransformer(nn.Module):
         modality: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) logits over the unified vocabulary."""
-        return self.head(self.hidden_states(tokens, modality, positions, attn_mask))
+        latents: dict[int, torch.Tensor] | None = None,
+        timesteps: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(B, T) token ids -> (B, T, V) logits over the unified vocabulary.
+
+        With `latents` (diffusion modalities, see `hidden_states`): (logits, predictions), the predictions
+        per modality (N_m, token_dim) in the order of its latents.
+        """
+        if modality is None:
+            modality = self.vocab.modality_of(tokens)
+        hidden = self.hidden_states(tokens, modality, positions, attn_mask, latents, timesteps)
+        logits = self.head(hidden)
+        if latents is None:
+            return logits
+        return logits, self.predict_latents(hidden, modality, latents)
 
     # ------------------------------------------------------------ incremental decoding (mot.generate)
 
@@ -117,20 +169,27 @@ class MoTTransformer(nn.Module):
         cache: KVCache,
         visible: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        latents: dict[int, torch.Tensor] | None = None,
+        timesteps: dict[int, torch.Tensor] | None = None,
+        bidirectional: bool = False,
+        advance: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits (B, t, V) of t new tokens (B, t) that attend over the cache and themselves.
 
         Their keys/values go to cache slots [cache.length, cache.length + t); the length advances.
         positions: (B, t) rotary positions, default the slots. visible: (B, t) bool, whether later tokens
         may attend to each new one (default all). last_only: logits of the last token only, (B, 1, V).
+        latents, timesteps: as in `forward` (then returns (logits, predictions)). bidirectional: the new
+        tokens see each other whatever their order (an image span under diffusion). advance=False: the
+        length stays, so the next call overwrites these slots (one denoising step of a span).
         """
         batch, t = tokens.shape
         if positions is None:
             positions = (cache.length + torch.arange(t, device=tokens.device)).expand(batch, t)
         if visible is None:
             visible = torch.ones(batch, t, dtype=torch.bool, device=tokens.device)
-        writes, mask = cache.append(visible)
-        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only)
+        writes, mask = cache.append(visible, bidirectional=bidirectional, advance=advance)
+        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only, latents, timesteps)
 
     def decode_step(
         self,
@@ -157,17 +216,22 @@ class MoTTransformer(nn.Module):
         writes: list[LayerWrite],
         mask: torch.Tensor,
         last_only: bool,
-    ) -> torch.Tensor:
+        latents: dict[int, torch.Tensor] | None = None,
+        timesteps: dict[int, torch.Tensor] | None = None,
+    ):
         batch, t = tokens.shape
         if modality is None:
             modality = self.vocab.modality_of(tokens)
         route = self.route(modality)  # routing works on any rows: here only the new tokens
-        x = self.embed(route.sort(tokens.reshape(-1)))
+        x = self.embed_inputs(tokens, modality, route, latents, timesteps)
         cos, sin = self.rope(t, positions)
         for block, write in zip(self.blocks, writes, strict=True):
             x = block(x, route, AttentionInputs(batch, t, cos, sin, mask, write))
         hidden = route.unsort(self.final_norm(x, route)).view(batch, t, -1)
-        return self.head(hidden[:, -1:] if last_only else hidden)
+        logits = self.head(hidden[:, -1:] if last_only else hidden)
+        if latents is None:
+            return logits
+        return logits, self.predict_latents(hidden, modality, latents)
 
     def tower_parameters(self, tower: int) -> dict[str, torch.Tensor]:
         """The slices of every untied parameter that belong to one tower (for inspection and tests)."""

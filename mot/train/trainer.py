@@ -27,8 +27,10 @@ from mot.data.loader import PackedBatch
 from mot.flops import size_report
 from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
-from mot.model.masks import document_block_mask
+from mot.model.masks import document_block_mask, mixed_block_mask
 from mot.objectives.ar import next_token_loss
+from mot.objectives.diffusion import add_noise, diffusion_loss
+from mot.objectives.latents import LatentBatch, LatentBatcher, load_codecs
 from mot.train import checkpoint as ckpt
 from mot.train.data import RankSlice, build_loaders, ensure_prepared
 from mot.train.errors import NonFiniteError
@@ -58,13 +60,6 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def check_trainable(cfg: RunConfig, where: str) -> None:
-    diffusion = [m.name for m in cfg.model.modalities if m.objective != "ar"]
-    if diffusion:
-        raise ConfigError(f"{where}: modalities {diffusion} ask for objective 'diffusion', which the trainer "
-                          "does not run yet; use objective = 'ar'")
 
 
 def _accelerator(cfg: RunConfig):
@@ -144,7 +139,6 @@ def per_modality(names: list[str], loss_sum: torch.Tensor, count: torch.Tensor, 
 class Trainer:
     def __init__(self, cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None,
                  overwrite: bool = False, progress: bool = True, init_from: str | None = None):
-        check_trainable(cfg, where)
         self.cfg, self.where, self.progress = cfg, where, progress
         self.accelerator = acc = _accelerator(cfg)
         self.micro, self.accum = _batch_shape(cfg, acc.num_processes, where)
@@ -170,6 +164,12 @@ class Trainer:
                       "fresh optimizer, schedule and data order")
         self.vocab, self.names = model.vocab, [m.name for m in cfg.model.modalities]
         self.loss_weights = torch.tensor([m.loss_weight for m in cfg.model.modalities], device=acc.device)
+        # Diffusion modalities (Transfusion setting): image spans become noised latent tokens.
+        self.diffusion = {i: m for i, m in enumerate(cfg.model.modalities) if m.is_diffusion}
+        self.is_diffusion = torch.tensor([m.is_diffusion for m in cfg.model.modalities], device=acc.device)
+        self.batcher = (LatentBatcher(model.vocab, cfg.model.modalities, load_codecs(cfg.model, cfg.data.tokenizers,
+                                                                                      where))
+                        if self.diffusion else None)
         if cfg.train.activation_checkpointing:
             _apply_activation_checkpointing(model)
         self.loss_fn = next_token_loss
@@ -235,16 +235,51 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-modality loss sums and prediction counts of one micro-batch."""
-        logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch))
-        _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names))
-        return loss_sum, count
+    def _batch(self, batch: PackedBatch) -> PackedBatch | LatentBatch:
+        """A loader batch on the device; with diffusion modalities, its image spans turned into latents."""
+        if self.batcher is not None:
+            batch = self.batcher(batch)
+        return batch.to(self.accelerator.device, non_blocking=True)
 
-    def _mask(self, batch: PackedBatch):
+    def _loss(self, batch: PackedBatch | LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-modality loss sums and prediction counts of one micro-batch (for a diffusion modality: the
+        squared error summed over its latent tokens, and their count)."""
+        if not isinstance(batch, LatentBatch):
+            logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch))
+            _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names))
+            return loss_sum, count
+        noised, times, clean, noise = {}, {}, {}, {}
+        for m, x0 in batch.latents.items():  # (images, tokens, token_dim): each image at its own time
+            t = torch.rand(x0.shape[0], device=x0.device)
+            noise[m] = torch.randn_like(x0)
+            noised[m] = add_noise(x0, t, noise[m], self.diffusion[m].schedule).flatten(0, 1)
+            times[m] = t.repeat_interleave(x0.shape[1])
+            clean[m], noise[m] = x0.flatten(0, 1), noise[m].flatten(0, 1)
+        logits, predictions = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch),
+                                         noised, times)
+        _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names), batch.target_mask)
+        extra_sum, extra_count = torch.zeros_like(loss_sum), torch.zeros_like(count)
+        for m, prediction in predictions.items():
+            s, c = diffusion_loss(prediction, clean[m], noise[m], self.diffusion[m].schedule)
+            extra_sum[m], extra_count[m] = s, c
+        return loss_sum + extra_sum, count + extra_count
+
+    def _mask(self, batch: PackedBatch | LatentBatch):
         if self.cfg.train.flex_attention and batch.document_ids.is_cuda:
+            if isinstance(batch, LatentBatch):
+                return mixed_block_mask(batch.document_ids, batch.span_ids)
             return document_block_mask(batch.document_ids)
         return batch.attn_mask()
+
+    def objective(self, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The weighted loss of the diffusion setting (Transfusion): the token mean of the next-token losses
+        plus, per diffusion modality, its loss weight times its mean squared error."""
+        weights, diffusion = self.loss_weights, self.is_diffusion
+        if loss_sum.device != weights.device:  # host totals
+            weights, diffusion = weights.cpu(), diffusion.cpu()
+        ar = torch.where(diffusion, 0.0, loss_sum * weights).sum() / torch.where(diffusion, 0.0, count).sum().clamp(
+            min=1)
+        return ar + torch.where(diffusion, loss_sum * weights / count.clamp(min=1), 0.0).sum()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One optimizer step (forward/backward of `accum` micro-batches). Returns the per-modality loss sums
@@ -254,12 +289,15 @@ class Trainer:
         loss_sum = torch.zeros(n, device=acc.device)
         count = torch.zeros(n, device=acc.device)
         for micro in range(self.accum):
-            batch = next(self.train_batches).to(acc.device, non_blocking=True)
+            batch = self._batch(next(self.train_batches))
             # Gradients are all-reduced once, on the last micro-batch.
             sync = nullcontext() if micro == self.accum - 1 else acc.no_sync(self.model)
             with sync:
                 micro_sum, micro_count = self._loss(batch)
-                acc.backward((micro_sum * self.loss_weights).sum() / predictions)
+                if self.batcher is None:
+                    acc.backward((micro_sum * self.loss_weights).sum() / predictions)
+                else:  # per-objective means of this micro-batch (their counts vary), averaged over the step
+                    acc.backward(self.objective(micro_sum, micro_count) / self.accum)
             loss_sum += micro_sum.detach()
             count += micro_count
         clip = self.cfg.train.grad_clip or math.inf
@@ -269,8 +307,14 @@ class Trainer:
         totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum")
         totals = torch.cat([totals, grad_norm.detach().reshape(1).float()]).cpu()  # the step's one host sync
         loss_sum, count, grad_norm = totals[:n], totals[n : 2 * n], float(totals[-1])
-        weighted = float((loss_sum * self.loss_weights.cpu()).sum() / count.sum().clamp(min=1))
+        weighted = self._weighted(loss_sum, count)
         return loss_sum, count, weighted, grad_norm
+
+    def _weighted(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float:
+        """The weighted loss of summed (host) totals, as reported."""
+        if self.batcher is not None:
+            return float(self.objective(loss_sum.float(), count.float()))
+        return float((loss_sum * self.loss_weights.cpu()).sum() / count.sum().clamp(min=1))
 
     def _non_finite(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: float) -> str | None:
         bad = [n for i, n in enumerate(self.names) if not math.isfinite(float(loss_sum[i]))]
@@ -295,15 +339,17 @@ class Trainer:
         count = torch.zeros(n, device=acc.device)
         self.model.eval()
         for _ in range(self.cfg.train.eval_batches * self.accum):  # the same sequences on any device count
-            s, c = self._loss(next(batches).to(acc.device))
+            s, c = self._loss(self._batch(next(batches)))
             loss_sum += s
             count += c
         self.model.train()
         totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum").cpu().double()
         loss_sum, count = totals[:n], totals[n:]
-        out = {"loss": float((loss_sum * self.loss_weights.cpu()).sum() / count.sum().clamp(min=1))}
+        out = {"loss": self._weighted(loss_sum, count)}
         out.update(per_modality(self.names, loss_sum, count))
-        out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items()) if k.startswith("loss/")})
+        ar_names = {n for i, n in enumerate(self.names) if i not in self.diffusion}  # a squared error has no ppl
+        out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items())
+                    if k.startswith("loss/") and k[5:] in ar_names})
         out.update({f"tokens/{self.names[i]}": int(count[i]) for i in range(n)})
         return out
 
