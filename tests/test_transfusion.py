@@ -92,6 +92,77 @@ def test_batcher_swaps_whole_images_for_latents_and_drops_cut_ones(generator):
     assert mask[4, 7] and not mask[4, 8] and not mask[3, 4]  # bidirectional inside, causal into the span
 
 
+def _row_by_loop(batcher: LatentBatcher, tokens, positions, documents):
+    """The batch rewrite of one row as a per-token loop: the oracle for LatentBatcher's vectorised rows."""
+    out_tokens, out_docs, out_spans, out_source = [], [], [], []
+    codes = {m: [] for m in batcher.codecs}
+    i, span = 0, 0
+    while i < len(tokens):
+        m = next((m for m, r in batcher.ranges.items() if r.start <= tokens[i] < r.stop), None)
+        if m is None:
+            out_tokens.append(int(tokens[i]))
+            out_docs.append(int(documents[i]))
+            out_spans.append(-1)
+            out_source.append(i)
+            i += 1
+            continue
+        r, j = batcher.ranges[m], i
+        while j < len(tokens) and r.start <= tokens[j] < r.stop:
+            j += 1
+        if j - i == batcher.codes_per_image[m]:
+            codes[m].append((tokens[i:j] - r.start).tolist())
+            n = batcher.codecs[m].tokens_per_image
+            out_tokens += [r.start] * n
+            out_docs += [int(documents[i])] * n
+            out_spans += [span] * n
+            out_source += [i] * n
+            span += 1
+        i = j
+    out_positions = []
+    for k, d in enumerate(out_docs):
+        first = out_docs.index(d)
+        out_positions.append(int(positions[out_source[first]]) + k - first)
+    pad = len(tokens) - len(out_tokens)
+    return (out_tokens + [batcher.pad] * pad, out_positions + list(range(pad)),
+            out_docs + [int(documents.max()) + 1] * pad, out_spans + [-1] * pad, codes)
+
+
+def test_batcher_rows_equal_a_per_token_loop(generator):
+    """Random packed rows: several documents, whole images, images cut at either edge, two diffusion
+    modalities (the second, 'speech', made a diffusion modality here), patch 2."""
+    image = ModalityConfig("image", 24, objective="diffusion", latent_channels=4, latent_grid=4, patch_size=2)
+    speech = ModalityConfig("speech", 16, objective="diffusion", latent_channels=4, latent_grid=2)
+    cfg = tiny_config(modalities=[ModalityConfig("text", 40), image, speech])
+    vocab = MoTTransformer(cfg).vocab
+    codecs = {1: LatentCodec(torch.randn(24, 4, generator=generator), 4, 2),
+              2: LatentCodec(torch.randn(16, 4, generator=generator), 2, 1)}
+    batcher = LatentBatcher(vocab, cfg.modalities, codecs)
+    rng = np.random.default_rng(0)
+    boi, eoi, bod = vocab.special_id("<boi>"), vocab.special_id("<eoi>"), vocab.special_id("<bod>")
+    for _ in range(20):
+        stream, docs, doc = [], [], 0
+        while len(stream) < 120:  # documents of text and images; the row is a window into the stream
+            piece = [bod]
+            for _ in range(int(rng.integers(1, 4))):
+                piece += rng.integers(vocab.ranges[0].start, vocab.ranges[0].stop, int(rng.integers(1, 5))).tolist()
+                m = int(rng.integers(1, 3))
+                r, n = vocab.ranges[m], codecs[m].grid ** 2
+                piece += [boi, *rng.integers(r.start, r.stop, n).tolist(), eoi]
+            stream += piece
+            docs += [doc] * len(piece)
+            doc += 1
+        start = int(rng.integers(0, 20))  # may cut the first image
+        tokens, documents = np.array(stream[start : start + 64]), np.array(docs[start : start + 64])
+        documents -= documents[0]
+        positions = np.concatenate([np.arange((documents == d).sum()) + (7 if d == 0 else 0)
+                                    for d in np.unique(documents)])
+        got = batcher._row(tokens, positions, documents)
+        want = _row_by_loop(batcher, tokens, positions, documents)
+        for g, w in zip(got[:4], want[:4], strict=True):
+            assert g.tolist() == w
+        assert {m: [c.tolist() for c in v] for m, v in got[4].items()} == want[4]
+
+
 def test_model_reads_latents_through_the_image_tower(generator):
     cfg = diffusion_config()
     model = MoTTransformer(cfg)

@@ -177,49 +177,43 @@ class LatentBatcher:
         return LatentBatch(tokens, modality, positions, documents, span_ids, target_mask, latents)
 
     def _row(self, tokens: np.ndarray, positions: np.ndarray, documents: np.ndarray):
+        """One row, vectorised (a per-token loop cost ~10 ms per 8 x 1024 batch, a third of a small GPU step):
+        every input token is kept once, a whole image's first code expands to its n latent tokens, the rest
+        of a span (and any cut span) to nothing. `tests/test_transfusion.py` checks it against that loop."""
         seq_len = len(tokens)
-        out_tokens, out_docs, out_spans, out_source = [], [], [], []
-        row_codes: dict[int, list[np.ndarray]] = {m: [] for m in self.codecs}
-        i, span = 0, 0
-        while i < seq_len:
-            m = self._latent_modality(tokens[i])
-            if m is None:
-                out_tokens.append(tokens[i])
-                out_docs.append(documents[i])
-                out_spans.append(-1)
-                out_source.append(i)
-                i += 1
+        copies = np.ones(seq_len, dtype=np.int64)  # output tokens per input token
+        out_id = tokens.copy()  # id of those outputs (placeholder ids for latents)
+        runs: list[tuple[int, int, int]] = []  # (start, stop, modality) of whole image spans
+        for m, r in self.ranges.items():
+            inside = (tokens >= r.start) & (tokens < r.stop)
+            if not inside.any():
                 continue
-            r = self.ranges[m]
-            j = i
-            while j < seq_len and r.start <= tokens[j] < r.stop:
-                j += 1
-            if j - i == self.codes_per_image[m]:  # a whole image; a span cut by the sequence edge is dropped
-                row_codes[m].append(tokens[i:j] - r.start)
-                n = self.codecs[m].tokens_per_image
-                out_tokens += [r.start] * n
-                out_docs += [documents[i]] * n
-                out_spans += [span] * n
-                out_source += [i] * n
-                span += 1
-            i = j
-        kept = len(out_tokens)
+            edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
+            starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            copies[inside] = 0
+            out_id[inside] = r.start
+            for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+                if b - a == self.codes_per_image[m]:  # a whole image; a span cut by the sequence edge is dropped
+                    copies[a] = self.codecs[m].tokens_per_image
+                    runs.append((a, b, m))
+        runs.sort()
+        span_of = np.full(seq_len, -1, dtype=np.int64)
+        row_codes: dict[int, list[np.ndarray]] = {m: [] for m in self.codecs}
+        for k, (a, b, m) in enumerate(runs):
+            span_of[a] = k
+            row_codes[m].append(tokens[a:b] - self.ranges[m].start)
+        source = np.repeat(np.arange(seq_len), copies)  # input position of each output token
+        kept = len(source)
+        docs = documents[source]
         # Positions: each document piece keeps the position of its first kept token and counts on from there.
         out_positions = np.zeros(seq_len, dtype=np.int64)
-        docs = np.array(out_docs, dtype=np.int64)
         for d in np.unique(docs):
             where = np.flatnonzero(docs == d)
-            out_positions[where] = positions[out_source[where[0]]] + np.arange(len(where))
+            out_positions[where] = positions[source[where[0]]] + np.arange(len(where))
         pad = seq_len - kept
         pad_doc = (int(documents.max()) + 1) if seq_len else 0
-        tokens_out = np.array(out_tokens + [self.pad] * pad, dtype=np.int64)
+        tokens_out = np.concatenate([out_id[source], np.full(pad, self.pad, dtype=np.int64)])
         docs_out = np.concatenate([docs, np.full(pad, pad_doc, dtype=np.int64)])
         out_positions[kept:] = np.arange(pad)
-        spans_out = np.array(out_spans + [-1] * pad, dtype=np.int64)
+        spans_out = np.concatenate([span_of[source], np.full(pad, -1, dtype=np.int64)])
         return tokens_out, out_positions, docs_out, spans_out, row_codes
-
-    def _latent_modality(self, token: int) -> int | None:
-        for m, r in self.ranges.items():
-            if r.start <= token < r.stop:
-                return m
-        return None
