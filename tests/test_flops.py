@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mot.config import ModalityConfig
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.flops import (
     ar_image_sampling_flops,
@@ -18,6 +17,7 @@ from mot.flops import (
 )
 from mot.model import MoTTransformer, routing
 from tests.conftest import tiny_config
+from tests.test_transfusion import diffusion_config  # image under diffusion: a 4x4 grid of 4-channel latents
 
 CONFIGS = {
     "mot": tiny_config(dim=64, ffn_dim=160, qk_norm=True),
@@ -74,12 +74,6 @@ def test_hand_computed_flops():
 
 
 # ---------------------------------------------------------------- diffusion modalities (Transfusion setting)
-
-
-def diffusion_config(patch_size: int = 1, **overrides):
-    """tiny_config with its image modality under the diffusion objective: a 4x4 grid of 4-channel latents."""
-    image = ModalityConfig("image", 24, objective="diffusion", latent_channels=4, latent_grid=4, patch_size=patch_size)
-    return tiny_config(modalities=[ModalityConfig("text", 40), image, ModalityConfig("speech", 16)], **overrides)
 
 
 DIFFUSION_CONFIGS = {

@@ -16,6 +16,7 @@ from mot.generate.loop import CachedDecoder, cache_slots, span_states
 from mot.model import MoTTransformer, routing
 from mot.model.masks import mixed_mask
 from tests.conftest import randomize_norms
+from tests.test_generate import BiasedDecoder  # biases the logits (to force <boi>), keeps all it hands out
 from tests.test_generate_cli import DEMO_MODALITIES, _mot, _run_folder
 from tests.test_transfusion import diffusion_config
 
@@ -39,28 +40,9 @@ def _config(**overrides) -> GenerationConfig:
     return GenerationConfig(**{**base, **overrides})
 
 
-class RecordingDecoder(CachedDecoder):
-    """Adds a bias to the next-token logits (to force <boi>) and keeps every logits it hands out."""
-
-    def __init__(self, model, rows, max_len, bias: dict[int, float] | None = None):
-        super().__init__(model, rows, max_len)
-        self.bias = torch.zeros(model.vocab.size)
-        for token, value in (bias or {}).items():
-            self.bias[token] = value
-        self.logits: list[torch.Tensor] = []
-
-    def prefill(self, *args):
-        self.logits.append(super().prefill(*args) + self.bias)
-        return self.logits[-1]
-
-    def step(self, *args):
-        self.logits.append(super().step(*args) + self.bias)
-        return self.logits[-1]
-
-
-def _decoder(model, prompts, config, bias=None) -> RecordingDecoder:
+def _decoder(model, prompts, config, bias=None) -> BiasedDecoder:
     rows = len(prompts) * (2 if config.guided else 1)
-    return RecordingDecoder(model, rows, cache_slots(model, prompts, config), bias)
+    return BiasedDecoder(model, rows, cache_slots(model, prompts, config), bias or {})
 
 
 def _reference(model, prefix, config, row) -> torch.Tensor:
