@@ -60,6 +60,8 @@ def flops_table(cfg: RunConfig, seq_len: int) -> Table:
     row("embedding + head params", mot.embedding_params, dense.embedding_params)
     row("non-embedding params", mot.total_params - mot.embedding_params,
         dense.total_params - dense.embedding_params)
+    if mot.latent_params:  # diffusion modalities: latent in/out projections and timestep MLP (shared by both)
+        row("  of which latent projections", mot.latent_params, dense.latent_params)
     for mod in m.modalities:
         row(f"active params / {mod.name} token", mot.active_params[mod.name], dense.active_params[mod.name])
     row("active params / token (mixed)", mot.active_params_mixed, dense.active_params_mixed)

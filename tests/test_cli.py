@@ -20,6 +20,15 @@ def test_mot_flops_prints_mot_and_dense():
     assert "MoT / dense" in result.stdout
     assert "total params" in result.stdout
     assert "MoT vs dense across recipes" in result.stdout
+    assert "latent projections" not in result.stdout  # all-AR recipes
+
+
+def test_mot_flops_shows_the_latent_projections_of_a_diffusion_recipe():
+    result = _run("-m", "mot.cli", "flops", "recipes/demo_transfusion.toml")
+    assert result.returncode == 0, result.stderr
+    # The demo VQGAN's 32 channels, d = 128: in 32*128+128, timestep MLP 256*128+128 + 128*128+128,
+    # out 128*32+32 = 57,760 parameters, the same in MoT and dense.
+    assert "of which latent projections" in result.stdout and "57.76K" in result.stdout
 
 
 def test_bad_override_fails_with_the_key_named():
