@@ -1,5 +1,6 @@
 """Diffusion image spans inside the KV-cached generation loop (Transfusion setting): the cached sampler computes
-what the full-recompute oracle computes, leaves the other rows alone, and `mot generate` draws the images."""
+what the full-recompute oracle computes, leaves the other rows alone, a prompt image (captioning) is read as the
+trainer reads a clean image, and `mot generate` draws the images."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mot.model import MoTTransformer, routing
 from mot.model.masks import mixed_mask
 from tests.conftest import randomize_norms
 from tests.test_generate import BiasedDecoder  # biases the logits (to force <boi>), keeps all it hands out
-from tests.test_generate_cli import DEMO_MODALITIES, _mot, _run_folder
+from tests.test_generate_cli import DEMO_MODALITIES, _media, _mot, _run_folder
 from tests.test_transfusion import diffusion_config
 
 N = 4  # latent tokens per image: a 4x4 latent grid in 2x2 patches
@@ -152,8 +153,16 @@ def test_bad_diffusion_requests_say_what_is_wrong(generator):
     v = model.vocab
     with pytest.raises(ValueError, match="latent tokens"):
         generate(model, [[v.special_id("<bod>")]], _config(image_tokens=16))
-    with pytest.raises(ValueError, match="images in prompts"):
-        generate(model, [[v.special_id("<bod>"), v.special_id("<boi>"), v["image"].start]], _config())
+    boi, eoi, bod = v.special_id("<boi>"), v.special_id("<eoi>"), v.special_id("<bod>")
+    with pytest.raises(ValueError, match="placeholder ids"):  # an unfinished span
+        generate(model, [[bod, boi, v["image"].start]], _config())
+    with pytest.raises(ValueError, match="placeholder ids"):  # codes, not placeholders
+        generate(model, [[bod, boi, *[v["image"].start + 1] * N, eoi]], _config(), prompt_latents=[[_latents(1)]])
+    with pytest.raises(ValueError, match="prompt_latents gives 0"):
+        generate(model, [[bod, boi, *[v["image"].start] * N, eoi]], _config())
+    with pytest.raises(ValueError, match="shape"):
+        generate(model, [[bod, boi, *[v["image"].start] * N, eoi]], _config(),
+                 prompt_latents=[[torch.zeros(N, 3)]])
     with pytest.raises(ValueError, match="diffusion_steps"):
         generate(model, [[v.special_id("<bod>")]], _config(diffusion_steps=0))
 
@@ -220,10 +229,6 @@ def test_generate_draws_diffusion_images_from_their_latents(diffusion_run, tmp_p
 
     latents = load_file(out.with_name("page-latents.safetensors"))
     assert set(latents) == {"sample1-image1", "sample2-image1"} and latents["sample1-image1"].shape == (16, 128)
-    # A prompt image is not supported for a diffusion modality: a clear error, not garbage.
-    code = _mot("generate", "--ckpt", str(diffusion_run), "--image", str(out.with_name("page-sample1-image1.png")),
-                "--device", "cpu", "--out", str(tmp_path / "p.html"))
-    assert code == 2 and "diffusion" in capsys.readouterr().err
 
 
 def test_colour_match_decodes_diffusion_latents(diffusion_run, tmp_path):
@@ -239,3 +244,103 @@ def test_colour_match_decodes_diffusion_latents(diffusion_run, tmp_path):
                           codecs=load_span_codecs(model, folder), diffusion_steps=2)
     assert report["images"] == 6 and 0 <= report["rate"] <= 1
     assert Image.open(tmp_path / "colour_grid.png").size[0] > 64
+
+
+# ---------------------------------------------------------------- images in prompts (captioning)
+
+
+def _latents(seed: int, count: int = 1) -> torch.Tensor:
+    return torch.randn(count, N, 16, generator=torch.Generator().manual_seed(seed)).squeeze(0)
+
+
+def _image_prompts(v) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Text, an image span, text; of different lengths (the shorter one left-padded), one with two images."""
+    bod, boi, eoi = (v.special_id(s) for s in ("<bod>", "<boi>", "<eoi>"))
+    span = [boi, *[v["image"].start] * N, eoi]
+    text = v["text"].start
+    prompts = [[bod, text + 3, text + 8, *span, text + 5, text + 7, *span, text + 2],
+               [bod, text + 1, *span, text + 4]]
+    return prompts, [[_latents(1), _latents(2)], [_latents(3)]]
+
+
+def _full_logits(model, ids: list[int], latents: list[torch.Tensor]) -> torch.Tensor:
+    """Next-token logits after `ids` from one full forward: each image span its clean latents at t = 0, under
+    the trainer's mask (bidirectional inside a span, causal elsewhere)."""
+    tokens = torch.tensor([ids])
+    span = torch.full_like(tokens, -1)
+    starts = [i for i, t in enumerate(ids) if t == model.vocab["image"].start and ids[i - 1] != t]
+    for k, a in enumerate(starts):
+        span[0, a : a + N] = k
+    z = {IMAGE: torch.cat(latents)} if latents else None
+    out = model(tokens, None, None, mixed_mask(torch.zeros_like(tokens), span), z,
+                {IMAGE: torch.zeros(N * len(latents))} if latents else None)
+    return (out[0] if latents else out)[0, -1].float()
+
+
+@pytest.mark.parametrize("untie", [("attn", "ffn", "norm"), ()], ids=["mot", "dense"])
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["plain", "guided"])
+def test_cached_prefill_of_prompt_images_equals_the_full_forward(untie, scale, generator):
+    model = _model(generator, untie)
+    prompts, latents = _image_prompts(model.vocab)
+    config = _config(guidance_scale=scale, max_new_tokens=1)
+    decoder = _decoder(model, prompts, config)
+    results = generate(model, prompts, config, decoder, prompt_latents=latents)
+    with torch.no_grad():
+        for row, (prompt, z) in enumerate(zip(prompts, latents, strict=True)):
+            torch.testing.assert_close(decoder.logits[0][row], _full_logits(model, prompt, z), rtol=0, atol=1e-6)
+            for a, b in zip(results[row].prompt_latents, z, strict=True):
+                assert torch.equal(a, b.float())
+        # The latents matter: other latents, other logits.
+        other = _full_logits(model, prompts[1], [_latents(9)])
+        assert not torch.allclose(decoder.logits[0][1], other, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["plain", "guided"])
+def test_greedy_captioning_equals_full_recompute(scale, generator):
+    """Text after a prompt image, greedily: every token the argmax (under the constraints) of a full forward over
+    the sequence so far, prompt latents at t = 0."""
+    model = _model(generator)
+    v = model.vocab
+    prompts, latents = _image_prompts(v)
+    bias = {v.special_id(s): -50.0 for s in ("<boi>", "<bos>", "<eod>")}  # text only: a caption
+    config = _config(guidance_scale=scale, max_new_tokens=5)
+    results = generate(model, prompts, config, _decoder(model, prompts, config, bias), prompt_latents=latents)
+    rules = ModalityConstraints(v, N)
+    shift = torch.zeros(v.size)
+    for token, value in bias.items():
+        shift[token] = value
+    with torch.no_grad():
+        for prompt, z, result in zip(prompts, latents, results, strict=True):
+            ids, state, expected = list(prompt), rules.start(prompt, config.max_new_tokens), []
+            for _ in range(config.max_new_tokens):
+                logits = (_full_logits(model, ids, z) + shift).masked_fill(~rules.allowed([state], "cpu")[0],
+                                                                          float("-inf"))
+                token = int(logits.argmax())
+                expected.append(token)
+                ids.append(token)
+                state = rules.advance(state, token)
+            assert result.tokens == expected
+            assert all(v["text"].start <= t < v["text"].stop for t in result.tokens)
+
+
+def test_generate_captions_a_prompt_image_of_a_diffusion_checkpoint(diffusion_run, tmp_path, capsys):
+    image, _ = _media(tmp_path)
+    out = tmp_path / "caption.html"
+    code = _mot("generate", "--ckpt", str(diffusion_run), "--image", str(image), "--prompt", "a picture of",
+                "--max-tokens", "6", "--samples", "2", "--guidance-scale", "2", "--seed", "1", "--device", "cpu",
+                "--out", str(out))
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.with_suffix(".json").read_text())
+    specials = {name: record["vocab"]["special_start"] + i for i, name in enumerate(record["vocab"]["special_tokens"])}
+    image_start = record["vocab"]["modalities"][IMAGE]["start"]
+    for sample in record["samples"]:
+        prompt = sample["prompt"]
+        boi = prompt.index(specials["<boi>"])
+        assert prompt[boi + 1 : boi + 17] == [image_start] * 16 and prompt[boi + 17] == specials["<eoi>"], \
+            "the prompt image is 16 latent tokens (8x8 grid in 2x2 patches)"
+        assert len(sample["tokens"]) > 0
+    page = out.read_text()
+    png = out.with_name("caption-prompt-image1.png")
+    assert Image.open(png).size == (64, 64) and f'src="{png.name}"' in page, "the prompt image, drawn from its latents"
+    assert "no latents" not in page and "a picture of" in page
+    assert page.count("<h2>sample") == 2

@@ -5,7 +5,8 @@
     mot generate --ckpt runs/demo --prompt "a blue square" --samples 4 --guidance-scale 3 --out gen/p.html
 
 A checkpoint whose image modality is trained with the diffusion objective (Transfusion setting) samples
-its images by denoising latents (--diffusion-steps, --diffusion-eta), decoded by the VQGAN's decoder.
+its images by denoising latents (--diffusion-steps, --diffusion-eta), decoded by the VQGAN's decoder; a prompt
+image (--image) goes in as its clean latent tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from mot.config import ConfigError
 from mot.generate.diffusion import load_span_codecs
 from mot.generate.loop import CachedDecoder, GenerationConfig, cache_slots, generate
-from mot.generate.prompt import THEN, GenerationError, build_prompt, image_grid_of, load_tokenizers
+from mot.generate.prompt import THEN, GenerationError, build_prompt, image_grid_of, latent_prompt, load_tokenizers
 from mot.model.transformer import MoTTransformer
 from mot.tokenize.base import TokenizerError
 
@@ -73,10 +74,9 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
     if not tokenizers:
         print(f"note: no tokenizers found ({tokenizer_folder}): the page shows raw ids", file=sys.stderr)
     codecs = diffusion_codecs(model, tokenizers, tokenizer_folder)
-    if codecs and args.image is not None:
-        raise GenerationError(f"--image {args.image}: the checkpoint's image modality is trained with diffusion; "
-                              "images in the prompt are not supported for it yet")
     prompt = build_prompt(model.vocab, tokenizers, args.prompt, args.image, args.audio, args.then)
+    # A diffusion image modality holds the prompt's image as its clean latent tokens (placeholder ids in `prompt`).
+    prompt, prompt_latents = latent_prompt(model.vocab, codecs, prompt)
     config = generation_config(args, tokenizers, model, codecs)
     if config.image_tokens is None and "image" in [r.name for r in model.vocab.ranges]:
         print("note: no image tokenizer: the model may not open image spans", file=sys.stderr)
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
             rows = args.samples * (2 if config.guided else 1)
             decoder = CachedDecoder(model, rows, cache_slots(model, [prompt] * args.samples, config), compile=True)
         start = time.perf_counter()
-        results = generate(model, [prompt] * args.samples, config, decoder)
+        results = generate(model, [prompt] * args.samples, config, decoder,
+                           [prompt_latents] * args.samples if prompt_latents else None)
     except ValueError as err:
         raise GenerationError(str(err)) from None
     seconds = time.perf_counter() - start

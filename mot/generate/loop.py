@@ -28,6 +28,13 @@ later tokens attend to the clean image, as in training. The span's rotary positi
 <boi> (n consecutive positions, as the trainer's LatentBatcher gives them); it counts as n tokens of the
 budget; <eoi> is then forced. Rows opening a span at the same step share one block; a block costs
 every other row n wasted, invisible slots, which `cache_slots` provisions.
+
+A prompt may hold diffusion image spans too (captioning): each is <boi>, n placeholder ids, <eoi> in the ids,
+and its clean latent tokens come beside them (`generate(..., prompt_latents=...)`;
+mot.generate.prompt.latent_prompt makes both from VQGAN codes). The prefill feeds them at t = 0 with span ids
+(KVCache.append), so a span is bidirectional inside and causal elsewhere, on n consecutive positions: a clean
+image as the trainer's LatentBatcher lays it out. The unconditional rows get the same slots, hidden like the
+rest of their prompt.
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ class Generation:
     # Per diffusion image span, in order: its clean latent tokens (n, token_dim), CPU float32. The span's
     # ids in `tokens` are n placeholders (the modality's first id).
     latents: list[torch.Tensor] = field(default_factory=list)
+    # Per diffusion image span of the prompt, in order: the clean latent tokens it was given (`prompt_latents`).
+    prompt_latents: list[torch.Tensor] = field(default_factory=list)
 
 
 class CachedDecoder:
@@ -119,11 +128,28 @@ class CachedDecoder:
     def device(self) -> torch.device:
         return self.cache.visible.device
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """(rows, P) prompt -> float32 logits (rows, V) of the next token. Empties the cache first."""
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        latents: dict[int, torch.Tensor] | None = None,
+        span_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(rows, P) prompt -> float32 logits (rows, V) of the next token. Empties the cache first.
+
+        latents: per diffusion modality, the clean latent tokens (N_m, dim) of its placeholder slots in row-major
+        order, fed at t = 0; span_ids: (rows, P), -1 outside an image span, k >= 0 inside span k of the row
+        (bidirectional inside it)."""
         self.cache.reset()
+        timesteps = None
+        if latents:
+            timesteps = {m: torch.zeros(z.shape[0], device=self.device) for m, z in latents.items()}
         logits = self.model.forward_cached(tokens, self.modality_table[tokens], positions, self.cache, visible,
-                                           last_only=True)
+                                           last_only=True, latents=latents or None, timesteps=timesteps,
+                                           span_ids=span_ids)
+        if latents:
+            logits = logits[0]
         return logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -154,7 +180,7 @@ class CachedDecoder:
         its last slot, latent predictions). advance=False: the next pass rewrites the same slots."""
         logits, predictions = self.model.forward_cached(
             tokens, self.modality_table[tokens], positions, self.cache, visible, last_only=True, latents=latents,
-            timesteps=timesteps, bidirectional=True, advance=advance)
+            timesteps=timesteps, advance=advance, span_ids=torch.zeros_like(tokens))  # the block: one span per row
         return logits[:, -1].float(), predictions
 
 
@@ -248,6 +274,70 @@ def _denoise_block(
     return torch.where(in_block, block_logits, logits), clean
 
 
+def _prompt_spans(prompts: list[list[int]], spec: SpanSpec, vocab) -> list[list[tuple[int, int]]]:
+    """Per prompt, the (start, stop) of each of its image spans: n placeholders between <boi> and <eoi>."""
+    image, boi, eoi = vocab.ranges[spec.modality], vocab.special_id("<boi>"), vocab.special_id("<eoi>")
+    found = []
+    for i, prompt in enumerate(prompts):
+        inside = [image.start <= t < image.stop for t in prompt]
+        spans = []
+        for a, here in enumerate(inside):
+            if not here or (a > 0 and inside[a - 1]):
+                continue
+            b = a
+            while b < len(prompt) and inside[b]:
+                b += 1
+            if (b - a != spec.tokens or any(t != spec.placeholder for t in prompt[a:b]) or a == 0
+                    or prompt[a - 1] != boi or b == len(prompt) or prompt[b] != eoi):
+                raise ValueError(f"prompt {i}: an image span of the diffusion modality must be <boi>, {spec.tokens} "
+                                 f"placeholder ids ({spec.placeholder}) and <eoi> (mot.generate.prompt.latent_prompt "
+                                 f"makes them); found {b - a} image ids at {a}")
+            spans.append((a, b))
+        found.append(spans)
+    return found
+
+
+def _prompt_inputs(
+    rows: _Rows,
+    prompts: list[list[int]],
+    prompt_latents: list[list[torch.Tensor]] | None,
+    spec: SpanSpec | None,
+    vocab,
+    device: torch.device,
+) -> tuple[dict[int, torch.Tensor] | None, torch.Tensor | None]:
+    """The prefill's clean latents and span ids (rows, width) for the prompts' diffusion image spans, or
+    (None, None) when there are none. Every row gets its prompt's latents: the unconditional rows hold the same
+    slots, hidden (a prompt image lies before any span they could open)."""
+    if spec is None:
+        if prompt_latents is not None and any(prompt_latents):
+            raise ValueError("prompt_latents given, but the model has no diffusion image modality (or image_tokens "
+                             "is None)")
+        return None, None
+    spans = _prompt_spans(prompts, spec, vocab)
+    prompt_latents = prompt_latents if prompt_latents is not None else [[] for _ in prompts]
+    if len(prompt_latents) != len(prompts):
+        raise ValueError(f"prompt_latents holds {len(prompt_latents)} lists for {len(prompts)} prompts")
+    for i, (found, given) in enumerate(zip(spans, prompt_latents, strict=True)):
+        if len(found) != len(given):
+            raise ValueError(f"prompt {i} holds {len(found)} image spans of the diffusion modality but "
+                             f"prompt_latents gives {len(given)} (their clean latent tokens, in order)")
+        for z in given:
+            if tuple(z.shape) != (spec.tokens, spec.token_dim):
+                raise ValueError(f"prompt {i}: prompt latents of shape {tuple(z.shape)}; an image span takes "
+                                 f"({spec.tokens}, {spec.token_dim})")
+    if not any(spans):
+        return None, None
+    span_ids = torch.full((len(rows.tokens), rows.width), -1, dtype=torch.long)
+    latents = []
+    for r in range(len(rows.tokens)):
+        i = r % len(prompts)
+        lead = rows.width - len(prompts[i])
+        for k, (a, b) in enumerate(spans[i]):
+            span_ids[r, lead + a : lead + b] = k
+        latents += prompt_latents[i]
+    return {spec.modality: torch.cat(latents).to(device)}, span_ids.to(device)
+
+
 def _through_span(rules: ModalityConstraints, state: SpanState, spec: SpanSpec) -> SpanState:
     """The state after a denoised span: its n placeholders spent from the budget, <eoi> due."""
     for _ in range(spec.tokens):
@@ -261,18 +351,18 @@ def generate(
     prompts: list[list[int]],
     config: GenerationConfig,
     decoder: CachedDecoder | None = None,
+    prompt_latents: list[list[torch.Tensor]] | None = None,
 ) -> list[Generation]:
-    """Continue every prompt (unified ids) by up to config.max_new_tokens tokens, all in one batch."""
+    """Continue every prompt (unified ids) by up to config.max_new_tokens tokens, all in one batch.
+
+    prompt_latents: under a diffusion image modality, per prompt the clean latent tokens (n, token_dim) of each
+    of its image spans, in order (each span in the ids: <boi>, n placeholder ids, <eoi>; see
+    mot.generate.prompt.latent_prompt)."""
     config.check()
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token (<bod>)")
     rules = ModalityConstraints(model.vocab, config.image_tokens, config.speech_max_tokens, config.usable_ids)
     spec = diffusion_spec(model, config)
-    if spec is not None:
-        image = model.vocab.ranges[spec.modality]
-        if any(image.start <= t < image.stop for p in prompts for t in p):
-            raise ValueError("a prompt holds image ids, but the image modality is diffusion: images in prompts are "
-                             "not supported there (end a prompt with <boi> to ask for an image)")
     states = [rules.start(p, config.max_new_tokens) for p in prompts]
     rows = _Rows(prompts, rules, config.guided, rules.id["<pad>"])
     n, batch = len(prompts), len(rows.tokens)
@@ -287,7 +377,9 @@ def generate(
                          f"generation needs {batch} x {max_len}")
     device = decoder.device
     as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)
-    logits = decoder.prefill(as_tensor(rows.tokens), as_tensor(rows.positions), as_tensor(rows.visible, torch.bool))
+    prefill_latents, span_ids = _prompt_inputs(rows, prompts, prompt_latents, spec, model.vocab, device)
+    logits = decoder.prefill(as_tensor(rows.tokens), as_tensor(rows.positions), as_tensor(rows.visible, torch.bool),
+                             prefill_latents, span_ids)
 
     generator = torch.Generator(device=device).manual_seed(config.seed)
     span_noise = [span_generator(config.seed, i, device) for i in range(n)] if spec is not None else []
@@ -328,8 +420,9 @@ def generate(
             break
         tokens, positions, visible = zip(*feed, strict=True)
         logits = decoder.step(as_tensor(tokens), as_tensor(positions), as_tensor(visible, torch.bool))
-    return [Generation(list(p), o, s.kind == "done", z)
-            for p, o, s, z in zip(prompts, out, states, latents, strict=True)]
+    given = prompt_latents if prefill_latents is not None else [[] for _ in prompts]
+    return [Generation(list(p), o, s.kind == "done", z, [x.float().cpu() for x in g])
+            for p, o, s, z, g in zip(prompts, out, states, latents, given, strict=True)]
 
 
 def span_states(rules: ModalityConstraints, generation: Generation, budget: int) -> list[SpanState]:

@@ -4,8 +4,9 @@ with an audio player), plus a JSON of the raw token ids.
     out/page.html   out/page.json   out/page-sample1-image1.png   out/page-sample1-speech1.wav ...
 
 An image span of a diffusion modality holds placeholder ids; its picture comes from the sample's latents
-(`Generation.latents`), through the modality's `LatentCodec` and the VQGAN decoder, and the latents
-themselves go to out/page-latents.safetensors (keys sample<i>-image<k>).
+(`Generation.latents`; a prompt image's from `Generation.prompt_latents`), through the modality's
+`LatentCodec` and the VQGAN decoder, and the generated latents themselves go to
+out/page-latents.safetensors (keys sample<i>-image<k>).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def write_page(
         tail = len(result.prompt) if tail is None else tail
         if not shared or i == 1:
             title, label = ("prompt", "prompt") if shared else (f"prompt {i}", f"prompt{i}")
-            parts.append(render.section(title, label, result.prompt[:tail], vocab, "prompt"))
+            parts.append(render.section(title, label, result.prompt[:tail], vocab, "prompt",
+                                        latents=result.prompt_latents))
         ending = "ended the document" if result.finished else "stopped at max tokens"
         parts.append(render.section(f"sample {i} ({len(result.tokens)} tokens, {ending})", f"sample{i}",
                                     result.prompt[tail:] + result.tokens, vocab, latents=result.latents))

@@ -4,17 +4,26 @@ A prompt is a document without its end: `<bod>` then the segments (image, audio,
 text reads as what comes next: a caption to continue, or the request before an image), through
 the same `DocumentEncoder` that `mot prepare` uses, minus the final `<eod>`. `then="image"` appends
 `<boi>` (text-to-image: the next tokens must be an image), `then="speech"` appends `<bos>`.
+
+Under a diffusion image modality (Transfusion setting) a prompt image is held as latent tokens:
+`latent_prompt` swaps each image span of VQGAN codes for n placeholder ids and returns the span's clean
+latent tokens beside the ids (for `generate(..., prompt_latents=...)`), as the trainer's LatentBatcher does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from mot.data.documents import AudioSegment, Document, ImageSegment, TextSegment
 from mot.data.encode import DocumentEncoder, vocab_layout
 from mot.data.media import BadInput
 from mot.vocab import UnifiedVocab
+
+if TYPE_CHECKING:
+    from mot.objectives.latents import LatentCodec
 
 THEN = {"auto": None, "image": "<boi>", "speech": "<bos>"}
 TOKENIZER_KINDS = ("text", "image", "speech")
@@ -105,3 +114,35 @@ def build_prompt(
     if THEN[then]:
         ids.append(vocab.special_id(THEN[then]))
     return ids
+
+
+def latent_prompt(vocab: UnifiedVocab, codecs: dict[str, LatentCodec], ids: list[int],
+                  ) -> tuple[list[int], list[torch.Tensor]]:
+    """A prompt's image spans of VQGAN codes -> n placeholder ids each, and their clean latent tokens (n, dim) in
+    span order; codecs: the `LatentCodec` of the diffusion image modality by name ({}: the ids come back as
+    they are). Only whole spans (`<boi>`, grid * grid codes, `<eoi>`) can be swapped."""
+    names = [r.name for r in vocab.ranges]
+    if "image" not in codecs or "image" not in names:
+        return list(ids), []
+    codec, image = codecs["image"], vocab.ranges[names.index("image")]
+    boi, eoi = vocab.special_id("<boi>"), vocab.special_id("<eoi>")
+    codes_per_image = codec.grid**2
+    out: list[int] = []
+    latents: list[torch.Tensor] = []
+    i = 0
+    while i < len(ids):
+        if not image.start <= ids[i] < image.stop:
+            out.append(ids[i])
+            i += 1
+            continue
+        stop = i
+        while stop < len(ids) and image.start <= ids[stop] < image.stop:
+            stop += 1
+        if stop - i != codes_per_image or i == 0 or ids[i - 1] != boi or stop == len(ids) or ids[stop] != eoi:
+            raise GenerationError(f"prompt: an image span of {stop - i} codes; the diffusion image modality takes "
+                                  f"whole images of {codes_per_image} codes between <boi> and <eoi>")
+        codes = torch.tensor(ids[i:stop], dtype=torch.long) - image.start
+        latents.append(codec.codes_to_tokens(codes[None])[0])
+        out += [image.start] * codec.tokens_per_image
+        i = stop
+    return out, latents

@@ -82,12 +82,18 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {t} tokens exceed its {self.max_len} slots")
 
     def append(
-        self, visible: torch.Tensor, bidirectional: bool = False, advance: bool = True
+        self,
+        visible: torch.Tensor,
+        advance: bool = True,
+        span_ids: torch.Tensor | None = None,
     ) -> tuple[list[LayerWrite], torch.Tensor]:
         """Writes for t new tokens at slots [length, length + t), and their attention mask (B, 1, t, length + t).
 
         visible: (B, t) bool, whether later tokens of the row may attend to each new token.
-        bidirectional: each new token also sees the later new ones (visible ones; an image span under diffusion).
+        span_ids: (B, t) long, -1 outside a bidirectional span, k >= 0 inside span k of the new tokens: a new
+        token also sees the later new tokens of its own span (visible ones), as `mixed_mask` does in training
+        (a prompt holding an image span; all zeros: a block that is one image span under diffusion). Spans lie
+        within one append.
         advance: move `length` past them (call once per forward); False leaves it, so that the next append
         overwrites the same slots (the denoising steps of a span).
         """
@@ -97,7 +103,12 @@ class KVCache:
         self.visible[:, start:stop] = visible
         keys = self.slots[:stop]
         query = self.slots[start:stop, None]  # (t, 1)
-        seen = keys >= 0 if bidirectional else keys <= query
+        seen = keys <= query
+        if span_ids is not None:
+            same = (span_ids[:, :, None] == span_ids[:, None, :]) & (span_ids[:, :, None] >= 0)  # (B, t, t)
+            later = torch.zeros(span_ids.shape[0], t, stop, dtype=torch.bool, device=span_ids.device)
+            later[:, :, start:] = same
+            seen = seen | later
         mask = (self.visible[:, None, :stop] & seen) | (keys == query)  # (B, t, stop)
         if advance:
             self.length = stop

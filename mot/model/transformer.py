@@ -171,24 +171,25 @@ class MoTTransformer(nn.Module):
         last_only: bool = False,
         latents: dict[int, torch.Tensor] | None = None,
         timesteps: dict[int, torch.Tensor] | None = None,
-        bidirectional: bool = False,
         advance: bool = True,
+        span_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits (B, t, V) of t new tokens (B, t) that attend over the cache and themselves.
 
         Their keys/values go to cache slots [cache.length, cache.length + t); the length advances.
         positions: (B, t) rotary positions, default the slots. visible: (B, t) bool, whether later tokens
         may attend to each new one (default all). last_only: logits of the last token only, (B, 1, V).
-        latents, timesteps: as in `forward` (then returns (logits, predictions)). bidirectional: the new
-        tokens see each other whatever their order (an image span under diffusion). advance=False: the
-        length stays, so the next call overwrites these slots (one denoising step of a span).
+        latents, timesteps: as in `forward` (then returns (logits, predictions)). advance=False: the length
+        stays, so the next call overwrites these slots (one denoising step of a span). span_ids: (B, t), -1
+        outside a span, k >= 0 inside span k: bidirectional inside each span, causal elsewhere (image spans
+        under diffusion: a prefill holding clean images, or a block being denoised; see `KVCache.append`).
         """
         batch, t = tokens.shape
         if positions is None:
             positions = (cache.length + torch.arange(t, device=tokens.device)).expand(batch, t)
         if visible is None:
             visible = torch.ones(batch, t, dtype=torch.bool, device=tokens.device)
-        writes, mask = cache.append(visible, bidirectional=bidirectional, advance=advance)
+        writes, mask = cache.append(visible, advance=advance, span_ids=span_ids)
         return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only, latents, timesteps)
 
     def decode_step(
