@@ -26,10 +26,17 @@ CONFIGS = {
     "mot tied embeddings": tiny_config(dim=64, tie_embeddings=True),
 }
 
+# The image modality under the diffusion objective (Transfusion setting): latent projections too.
+DIFFUSION_CONFIGS = {
+    "mot": diffusion_config(dim=64, ffn_dim=160, qk_norm=True),
+    "dense": diffusion_config(dim=64, ffn_dim=160, untie=[]),
+    "mot patch 2": diffusion_config(patch_size=2, dim=64, untie=["ffn"]),
+}
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_param_count_matches_model(name):
-    cfg = CONFIGS[name]
+
+@pytest.mark.parametrize("cfg", [*CONFIGS.values(), *DIFFUSION_CONFIGS.values()],
+                         ids=[*CONFIGS, *(f"diffusion {k}" for k in DIFFUSION_CONFIGS)])
+def test_param_count_matches_model(cfg):
     model = MoTTransformer(cfg)
     total, embedding, _ = param_counts(cfg)
     assert total == sum(p.numel() for p in model.parameters())
@@ -76,19 +83,11 @@ def test_hand_computed_flops():
 # ---------------------------------------------------------------- diffusion modalities (Transfusion setting)
 
 
-DIFFUSION_CONFIGS = {
-    "mot": diffusion_config(dim=64, ffn_dim=160, qk_norm=True),
-    "dense": diffusion_config(dim=64, ffn_dim=160, untie=[]),
-    "mot patch 2": diffusion_config(patch_size=2, dim=64, untie=["ffn"]),
-}
-
-
 @pytest.mark.parametrize("name", list(DIFFUSION_CONFIGS))
 def test_param_count_includes_the_latent_projections(name):
     cfg = DIFFUSION_CONFIGS[name]
     model = MoTTransformer(cfg)
-    total, _, _ = param_counts(cfg)
-    assert total == sum(p.numel() for p in model.parameters())
+    total, _, _ = param_counts(cfg)  # equal to the model's count: test_param_count_matches_model
     report = size_report(cfg, 64)
     assert report.latent_params == sum(p.numel() for p in model.latent_io.parameters()) > 0
     assert report.total_params == total
