@@ -29,6 +29,9 @@ VARIANTS = {
     "2gpu-fsdp": ["2", ["--train.distributed=fsdp"]],
     "1gpu-compile": ["1", ["--train.compile=true"]],
     "1gpu-actckpt": ["1", ["--train.activation_checkpointing=true"]],
+    # Attention backends at this small size (host-bound): SDPA over a dense boolean mask instead of FlexAttention.
+    "1gpu-sdpa": ["1", ["--train.flex_attention=false"]],
+    "1gpu-compile-sdpa": ["1", ["--train.compile=true", "--train.flex_attention=false"]],
 }
 
 
@@ -72,7 +75,7 @@ def main() -> int:
     if not ok:
         return 1
     base = ok[0]
-    print(f"\n{'run':<12}{'GPUs':>5}{'tokens/s':>12}{'per GPU':>12}{'per-GPU ratio':>14}{'MFU':>8}"
+    print(f"\n{'run':<18}{'GPUs':>5}{'tokens/s':>12}{'per GPU':>12}{'per-GPU ratio':>14}{'MFU':>8}"
           f"{'final train':>13}{'final eval':>12}{'max |dloss|':>13}{'mean |dloss|':>13}")
     base_curve = {r["step"]: r["loss"] for r in base["train"]}
     for r in ok:
@@ -80,15 +83,15 @@ def main() -> int:
         diffs = [abs(curve[s] - base_curve[s]) for s in curve if s in base_curve]
         per_gpu = r["tokens_per_s"] / r["processes"]
         base_per_gpu = base["tokens_per_s"] / base["processes"]
-        print(f"{r['name']:<12}{r['processes']:>5}{r['tokens_per_s']:>12.0f}{per_gpu:>12.0f}"
+        print(f"{r['name']:<18}{r['processes']:>5}{r['tokens_per_s']:>12.0f}{per_gpu:>12.0f}"
               f"{per_gpu / base_per_gpu:>14.3f}{100 * r['mfu']:>7.1f}%{r['train'][-1]['loss']:>13.4f}"
               f"{r['eval'][-1]['loss'] if r['eval'] else float('nan'):>12.4f}"
               f"{max(diffs):>13.4f}{statistics.mean(diffs):>13.4f}")
     print("\nloss every 30 steps (log windows of train.log_every steps):")
     steps = [s for s in sorted(base_curve) if s % 30 == 0]
-    print("step  " + "".join(f"{r['name']:>12}" for r in ok))
+    print("step  " + "".join(f"{r['name']:>18}" for r in ok))
     for s in steps:
-        print(f"{s:<6}" + "".join(f"{next((x['loss'] for x in r['train'] if x['step'] == s), float('nan')):>12.4f}"
+        print(f"{s:<6}" + "".join(f"{next((x['loss'] for x in r['train'] if x['step'] == s), float('nan')):>18.4f}"
                                   for r in ok))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -11,12 +11,20 @@ is the 3-modality layout of DESIGN.md's routing table (1656 text / 5120 image / 
 
 Prints ms per step (median of --steps after warm-up, with min-max), tokens/s, TFLOP/s and MFU against the
 card's dense bf16 peak (stated), peak memory, the MoT/dense ratio, and recompiles across 3 new layouts.
+
+FSDP: launched by torchrun, every block and then the root are sharded with `fully_shard` (bf16 parameters and
+gradient reduction, the policy the trainer gets from accelerate); each process runs its own micro-batch. With
+`--baseline ONE_GPU.json` (this script's --json of a 1-GPU run on the same machine) it prints tokens/s per GPU
+against the 1-GPU figure:
+
+    python3 bench/step.py --json one.json && torchrun --nproc-per-node 2 bench/step.py --baseline one.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,7 +42,8 @@ from mot.flops import dense_baseline, size_report  # noqa: E402
 from mot.model import MoTTransformer  # noqa: E402
 from mot.model.masks import document_block_mask  # noqa: E402
 from mot.objectives.ar import next_token_loss  # noqa: E402
-from mot.train.optim import build_optimizer  # noqa: E402
+from mot.train.optim import build_optimizer, clip_gradients  # noqa: E402
+from mot.train.sharding import keep_gathered  # noqa: E402
 from mot.train.trainer import peak_flops  # noqa: E402
 
 
@@ -67,8 +76,27 @@ def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, d
     return [t.to(device) for t in (tokens, layout, positions, doc_ids)]
 
 
+def shard(model: MoTTransformer, prefetch: bool) -> None:
+    """FSDP2 as the trainer gets it from accelerate: each block a unit, then the root; bf16 compute and reduce.
+    prefetch: each block's pre-forward (pre-backward) hook also issues the next (previous) block's all-gather."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    if prefetch:
+        blocks = list(model.blocks)
+        for block, following in zip(blocks, blocks[1:], strict=False):
+            block.set_modules_to_forward_prefetch([following])
+            following.set_modules_to_backward_prefetch([block])
+
+
 def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
-    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused>[-closs]" (closs: the loss under torch.compile)."""
+    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip>[-closs][-prefetch][-keep]": fusedclip folds the
+    gradient clip into the fused AdamW kernel (mot.train.optim.clip_gradients); closs: the loss under
+    torch.compile; prefetch (FSDP): explicit all-gather prefetching of the next block; keep (FSDP): gathered
+    weights kept over the step's micro-batches (mot.train.sharding)."""
     compiled, attention, optim, *extra = mode.split("-")
     loss_fn = torch.compile(next_token_loss) if "closs" in extra else next_token_loss
     torch.manual_seed(0)
@@ -76,7 +104,10 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     if compiled == "compiled":
         for block in model.blocks:
             block.compile()
-    optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim == "fused")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        shard(model, prefetch="prefetch" in extra)
+    optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim != "foreach")
     layout = bench_layout(args.seq_len)
     layout = layout.repeat(max(1, args.micro_batch // layout.shape[0]), 1)[: args.micro_batch]
     doc_len = (args.seq_len // 4, args.seq_len)
@@ -88,18 +119,32 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
         mask = document_block_mask(doc_ids) if attention == "flex" else document_causal_mask(doc_ids)
         return tokens, modality, positions, mask
 
-    def forward_backward(tokens, modality, positions, mask):
+    def forward_backward_once(tokens, modality, positions, mask):
         with autocast:
             logits = model(tokens, modality, positions, mask)
         loss, _, _ = loss_fn(logits, tokens, modality, n_mod)
         loss.backward()
 
+    def forward_backward(*batch):
+        """--accum-steps micro-batches; under FSDP gradients are reduced on the last only (as the trainer's
+        accelerate no_sync does)."""
+        for k in range(args.accum_steps):
+            if world > 1:
+                model.set_requires_gradient_sync(k == args.accum_steps - 1)
+                if "keep" in extra:
+                    keep_gathered(model, k, args.accum_steps)
+            forward_backward_once(*batch)
+
     def update():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if optim == "fusedclip":
+            clip_gradients(optimizer, model.parameters(), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    batch = batch_for(layout, 0)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    batch = batch_for(layout, 1000 * rank)  # each process its own documents
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     for _ in range(args.warmup):
@@ -129,7 +174,7 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
             fb_ms.append(1e3 * (t1 - t0))
             opt_ms.append(1e3 * (time.perf_counter() - t1))
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    if args.profile and device.type == "cuda":
+    if args.profile and device.type == "cuda" and rank == 0:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -146,13 +191,13 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
         before = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
         gen = torch.Generator().manual_seed(1)
         for seed in range(3):  # new modality counts and document boundaries
-            forward_backward(*batch_for(random_layout(args.micro_batch, args.seq_len, list(range(n_mod)), 512, gen),
-                                        seed + 1))
+            forward_backward_once(*batch_for(random_layout(args.micro_batch, args.seq_len, list(range(n_mod)), 512,
+                                                           gen), seed + 1 + 1000 * rank))
             update()
         sync()
         recompiles = (sum(counters["recompiles"].values()) if "recompiles" in counters else 0) - before
 
-    tokens = args.micro_batch * args.seq_len
+    tokens = args.accum_steps * args.micro_batch * args.seq_len
     flops = size_report(cfg, args.seq_len, attention="causal").flops_forward_backward_mixed * tokens
     total = [a + b for a, b in zip(fb_ms, opt_ms, strict=True)]
     ms = statistics.median(total)
@@ -160,7 +205,7 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
             "fwd_bwd_ms": statistics.median(fb_ms), "optimizer_ms": statistics.median(opt_ms),
             "tokens_per_s": tokens / (ms / 1e3), "tflops": flops / (ms / 1e3) / 1e12,
             "fwd_bwd_tflops": flops / (statistics.median(fb_ms) / 1e3) / 1e12, "peak_gib": peak_mem,
-            "warmup_s": warmup_s, "recompiles": recompiles}
+            "warmup_s": warmup_s, "recompiles": recompiles, "world_size": world}
 
 
 def main() -> int:
@@ -173,32 +218,47 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["dense", "mot"], choices=["dense", "mot"])
-    parser.add_argument("--modes", nargs="+", default=["compiled-mask-foreach", "compiled-flex-fused-closs"],
-                        help="<eager|compiled>-<mask|flex>-<foreach|fused>[-closs]: compile the blocks or not; dense "
-                             "boolean document mask through SDPA or a FlexAttention BlockMask; AdamW multi-tensor or "
-                             "fused; the loss compiled too")
+    parser.add_argument("--modes", nargs="+", default=["compiled-flex-fused-closs", "compiled-flex-fusedclip-closs"],
+                        help="<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip>[-closs]: compile the blocks or "
+                             "not; dense boolean document mask through SDPA or a FlexAttention BlockMask; AdamW "
+                             "multi-tensor, fused, or fused with the clip folded in; the loss compiled too")
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per optimizer step, measured (one step = all of them and the update)")
     parser.add_argument("--accum", type=int, default=8,
-                        help="also report the ratio per optimizer step of this many micro-batches (derived)")
+                        help="also report the ratio per optimizer step of this many micro-batches (derived from the "
+                             "measured fwd+bwd per micro-batch and optimizer times)")
     parser.add_argument("--profile", type=int, default=0, help="print this many top CUDA kernels per variant")
     parser.add_argument("--json", default="")
+    parser.add_argument("--baseline", default="", help="--json of a 1-GPU run: print tokens/s per GPU against it")
     parser.add_argument("--smoke", action="store_true", help="tiny model, runs on the CPU in seconds")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.steps, args.warmup = 256, 2, 1
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: FSDP over the processes
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    say = print if main_process else (lambda *a, **k: None)
     mot_cfg = recipe(args)
     configs = {"dense": dense_baseline(mot_cfg), "mot": mot_cfg}
     peak = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = peak_flops(device, 0.0)
-        print(f"{name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak
-              else name)
+        say(f"{world} x {name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak
+            else name)
     for label, cfg in configs.items():
         report = size_report(cfg, args.seq_len)
-        print(f"{label}: {report.total_params / 1e9:.3f}B params, "
-              f"{report.flops_forward_backward_mixed / 1e9:.2f} GFLOP/token fwd+bwd")
+        say(f"{label}: {report.total_params / 1e9:.3f}B params, "
+            f"{report.flops_forward_backward_mixed / 1e9:.2f} GFLOP/token fwd+bwd")
+    if world > 1:
+        say(f"FSDP2 over {world} processes, each {args.accum_steps} micro-batch(es) of {args.micro_batch} x "
+            f"{args.seq_len} per step; figures per GPU")
 
     results = []
     for mode in args.modes:
@@ -206,24 +266,44 @@ def main() -> int:
             results.append(run_variant(variant, configs[variant], mode, args, device))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last variant's weights and optimizer state are gone
-    print(f"\n{'variant':<7}{'mode':<27}{'ms/step':>9}{'min-max':>15}{'fwd+bwd':>9}{'optim':>7}{'tokens/s':>10}"
+    if main_process:
+        print_table(results, args, peak)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 may still be writing while the others tear down
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def print_table(results: list[dict], args, peak: float | None) -> None:
+    print(f"\n{'variant':<8}{'mode':<37}{'ms/step':>9}{'min-max':>15}{'fwd+bwd':>9}{'optim':>7}{'tokens/s':>10}"
           f"{'MFU':>7}{'MFU f+b':>8}{'GiB':>6}{'x dense':>8}{'x f+b':>7}{f'x@acc{args.accum}':>9}{'recomp':>7}")
     for r in results:
         dense = next((d for d in results if d["name"] == "dense" and d["mode"] == r["mode"]), None)
         ratio = r["ms"] / dense["ms"] if dense else float("nan")
         fb_ratio = r["fwd_bwd_ms"] / dense["fwd_bwd_ms"] if dense else float("nan")
         # One optimizer step per `accum` micro-batches, as training with gradient accumulation runs.
-        per_update = lambda x: args.accum * x["fwd_bwd_ms"] + x["optimizer_ms"]
+        per_update = lambda x: args.accum * x["fwd_bwd_ms"] / args.accum_steps + x["optimizer_ms"]
         acc_ratio = per_update(r) / per_update(dense) if dense else float("nan")
         mfu = f"{100 * r['tflops'] * 1e12 / peak:.1f}%" if peak else "-"
         fb_mfu = f"{100 * r['fwd_bwd_tflops'] * 1e12 / peak:.1f}%" if peak else "-"
-        print(f"{r['name']:<7}{r['mode']:<27}{r['ms']:>9.2f}{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f}"
+        print(f"{r['name']:<8}{r['mode']:<37}{r['ms']:>9.2f}{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f}"
               f"{r['fwd_bwd_ms']:>9.2f}{r['optimizer_ms']:>7.2f}{r['tokens_per_s']:>10.0f}{mfu:>7}{fb_mfu:>8}"
               f"{r['peak_gib']:>6.1f}{ratio:>8.3f}{fb_ratio:>7.3f}{acc_ratio:>9.3f}"
               f"{'-' if r['recompiles'] is None else r['recompiles']:>7}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    return 0
+    if not args.baseline:
+        return
+    one_gpu = json.loads(Path(args.baseline).read_text())["results"]
+    print(f"\nper GPU against 1 GPU ({args.baseline}):")
+    print(f"{'variant':<8}{'mode':<37}{'1 GPU tok/s':>12}{'per GPU tok/s':>14}{'ratio':>7}{'f+b ratio':>10}")
+    for r in results:
+        one_gpu_mode = r["mode"].replace("-prefetch", "").replace("-keep", "")
+        base = next((b for b in one_gpu if b["name"] == r["name"] and b["mode"] == one_gpu_mode), None)
+        if base is None:
+            continue
+        print(f"{r['name']:<8}{r['mode']:<37}{base['tokens_per_s']:>12.0f}{r['tokens_per_s']:>14.0f}"
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>7.3f}{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:>10.3f}")
 
 
 if __name__ == "__main__":

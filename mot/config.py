@@ -163,9 +163,16 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU
     compile: bool = False
-    flex_attention: bool = True  # on CUDA, document masks as FlexAttention block masks (else dense SDPA masks)
+    # On CUDA, document masks as FlexAttention block masks (masked tiles skipped) or dense boolean SDPA masks.
+    # "auto": FlexAttention when the blocks are compiled (the kernel is then fused into the block's graph);
+    # eager blocks call it through its own compiled wrapper per layer, which loses at small sizes
+    # (bench/NOTES.md: 176k vs 215k tokens/s eager, 439k vs 345k compiled, on the 83M demo_gpu recipe).
+    flex_attention: bool | Literal["auto"] = "auto"
     activation_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes
+    # FSDP: keep each block's gathered bf16 weights from the first forward of a step to its last backward (one
+    # all-gather per step instead of two per micro-batch; costs 2 bytes per parameter per GPU). mot/train/sharding.py
+    fsdp_keep_gathered: bool = False
     # A non-finite loss or gradient: "stop" names the step and modality; "skip" drops that update.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10  # "skip" still stops after this many skipped updates in a row

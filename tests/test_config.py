@@ -117,6 +117,8 @@ def test_overrides(recipe):
     assert cfg.model.modalities[1].vocab_size == 512
     assert cfg.model.norm_placement == "chameleon"
     assert cfg.name == "x"
+    assert load_config(recipe).train.flex_attention == "auto"
+    assert load_config(recipe, ["--train.flex_attention=false"]).train.flex_attention is False
 
 
 @pytest.mark.parametrize(
@@ -126,6 +128,7 @@ def test_overrides(recipe):
         ("--model.norm_placement=post", r"must be one of \['pre', 'chameleon'\]"),
         ("--model.modalities.5.vocab_size=3", "no list entry"),
         ("--model.dim", "expected --key=value"),
+        ("--train.flex_attention=sometimes", r"'train.flex_attention' must be"),
     ],
 )
 def test_bad_overrides(recipe, override, match):

@@ -22,7 +22,7 @@ from mot.config import TrainConfig, config_from_dict, config_to_dict
 from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import read_log
-from mot.train.optim import lr_factor, parameter_groups
+from mot.train.optim import clip_gradients, lr_factor, parameter_groups
 from mot.train.trainer import Trainer, train
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -52,6 +52,32 @@ def test_warmup_then_cosine_to_the_floor_by_hand():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
     constant = dataclasses.replace(cfg, schedule="constant")
     assert [lr_factor(s, constant) for s in (0, 1, 5, 10)] == [0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and left alone
+def test_clip_folded_into_the_step_equals_clip_then_step(fused, max_norm):
+    """clip_gradients + step (the fused kernel's grad_scale, or in place) = torch's clip_grad_norm_ + step."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    reference = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in reference]
+    for step in range(3):  # a few steps: the moments carry the clipped gradients forward
+        grads = [3 * torch.randn(s, generator=gen) for s in shapes]
+        for a, b, g in zip(reference, ours, grads, strict=True):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 0:
+            opt_ref = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1)
+            opt = torch.optim.AdamW(ours, lr=0.1, weight_decay=0.1, fused=fused or None, foreach=not fused)
+        norm_ref = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        norm = clip_gradients(opt, ours, max_norm)
+        assert float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
+        assert float(norm) == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-5)
+        assert hasattr(opt, "grad_scale") == fused
+        opt_ref.step()
+        opt.step()
+        for a, b in zip(reference, ours, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_decay_reaches_matrices_only():

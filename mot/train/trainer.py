@@ -35,7 +35,8 @@ from mot.train import checkpoint as ckpt
 from mot.train.data import RankSlice, build_loaders, ensure_prepared
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import MetricsLog, plot_loss_curves
-from mot.train.optim import build_optimizer, build_scheduler
+from mot.train.optim import build_optimizer, build_scheduler, clip_gradients
+from mot.train.sharding import keep_gathered
 
 # Dense bf16 tensor-core peak per device (no sparsity), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -179,7 +180,8 @@ class Trainer:
             # Fused: reads the bf16 logits once, never keeps an fp32 copy of them for backward.
             self.loss_fn = torch.compile(next_token_loss)
         model.to(acc.device)  # first, so that AdamW picks its fused kernel for the device
-        optimizer = build_optimizer(model, cfg.train, fused=cfg.train.distributed != "fsdp" or acc.num_processes == 1)
+        self.sharded = cfg.train.distributed == "fsdp" and acc.num_processes > 1
+        optimizer = build_optimizer(model, cfg.train)  # fused, also over FSDP's DTensors
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
@@ -265,7 +267,8 @@ class Trainer:
         return loss_sum + extra_sum, count + extra_count
 
     def _mask(self, batch: PackedBatch | LatentBatch):
-        if self.cfg.train.flex_attention and batch.document_ids.is_cuda:
+        t = self.cfg.train
+        if batch.document_ids.is_cuda and (t.flex_attention is True or (t.flex_attention == "auto" and t.compile)):
             if isinstance(batch, LatentBatch):
                 return mixed_block_mask(batch.document_ids, batch.span_ids)
             return document_block_mask(batch.document_ids)
@@ -292,6 +295,8 @@ class Trainer:
             batch = self._batch(next(self.train_batches))
             # Gradients are all-reduced once, on the last micro-batch.
             sync = nullcontext() if micro == self.accum - 1 else acc.no_sync(self.model)
+            if self.sharded and self.cfg.train.fsdp_keep_gathered:
+                keep_gathered(self.model, micro, self.accum)
             with sync:
                 micro_sum, micro_count = self._loss(batch)
                 if self.batcher is None:
@@ -301,7 +306,10 @@ class Trainer:
             loss_sum += micro_sum.detach()
             count += micro_count
         clip = self.cfg.train.grad_clip or math.inf
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)  # the same on every process
+        if self.sharded:  # DTensor gradients: accelerate's DTensor-aware clip
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        else:  # folded into the fused AdamW step (the same on every process)
+            grad_norm = clip_gradients(self.optimizer.optimizer, self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum")
