@@ -62,13 +62,12 @@ def test_clip_folded_into_the_step_equals_clip_then_step(fused, max_norm):
     shapes = [(7, 5), (5,), (3, 4, 2)]
     reference = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     ours = [torch.nn.Parameter(p.detach().clone()) for p in reference]
-    for step in range(3):  # a few steps: the moments carry the clipped gradients forward
+    opt_ref = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1)
+    opt = torch.optim.AdamW(ours, lr=0.1, weight_decay=0.1, fused=fused or None, foreach=not fused)
+    for _ in range(3):  # a few steps: the moments carry the clipped gradients forward
         grads = [3 * torch.randn(s, generator=gen) for s in shapes]
         for a, b, g in zip(reference, ours, grads, strict=True):
             a.grad, b.grad = g.clone(), g.clone()
-        if step == 0:
-            opt_ref = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1)
-            opt = torch.optim.AdamW(ours, lr=0.1, weight_decay=0.1, fused=fused or None, foreach=not fused)
         norm_ref = torch.nn.utils.clip_grad_norm_(reference, max_norm)
         norm = clip_gradients(opt, ours, max_norm)
         assert float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
