@@ -32,6 +32,10 @@ VARIANTS = {
     # Attention backends at this small size (host-bound): SDPA over a dense boolean mask instead of FlexAttention.
     "1gpu-sdpa": ["1", ["--train.flex_attention=false"]],
     "1gpu-compile-sdpa": ["1", ["--train.compile=true", "--train.flex_attention=false"]],
+    # One GPU runs bf16 compute weights with fp32 masters by default (train.master_weights = "auto"); these are the
+    # fp32 weights under autocast, for the curve and the speed side by side.
+    "1gpu-fp32weights": ["1", ["--train.master_weights=false"]],
+    "1gpu-compile-fp32weights": ["1", ["--train.compile=true", "--train.master_weights=false"]],
 }
 
 

@@ -12,8 +12,8 @@ is the 3-modality layout of DESIGN.md's routing table (1656 text / 5120 image / 
 Prints ms per step (median of --steps after warm-up, with min-max), tokens/s, TFLOP/s and MFU against the
 card's dense bf16 peak (stated), peak memory, the MoT/dense ratio, and recompiles across 3 new layouts.
 
-FSDP: launched by torchrun, every block and then the root are sharded with `fully_shard` (bf16 parameters and
-gradient reduction, the policy the trainer gets from accelerate); each process runs its own micro-batch. With
+FSDP: launched by torchrun, every block and then the root are sharded with `fully_shard` (bf16 parameters, fp32
+gradient reduction, the trainer's policy); each process runs its own micro-batch. With
 `--baseline ONE_GPU.json` (this script's --json of a 1-GPU run on the same machine) it prints tokens/s per GPU
 against the 1-GPU figure:
 
@@ -77,11 +77,11 @@ def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, d
 
 
 def shard(model: MoTTransformer, prefetch: bool) -> None:
-    """FSDP2 as the trainer gets it from accelerate: each block a unit, then the root; bf16 compute and reduce.
+    """FSDP2 as the trainer sets it up: each block a unit, then the root; bf16 compute, fp32 reduction.
     prefetch: each block's pre-forward (pre-backward) hook also issues the next (previous) block's all-gather."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -92,9 +92,33 @@ def shard(model: MoTTransformer, prefetch: bool) -> None:
             following.set_modules_to_backward_prefetch([block])
 
 
+def check_master_update(device) -> None:
+    """The compiled master-weight update (CUDA) against the same function run eagerly, on random tensors."""
+    from mot.train import master_weights
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shapes = [(3, 256, 128), (1000,), (64, 96)]
+    rand = lambda shape, scale=1.0: scale * torch.randn(shape, generator=gen, device=device)
+    base = [[rand(s) for s in shapes], [rand(s).bfloat16() for s in shapes], [rand(s, 0.1) for s in shapes],
+            [rand(s, 0.01).abs() for s in shapes], [rand(s).bfloat16() for s in shapes]]
+    scalars = torch.tensor([0.999, 0.1, 0.95, 0.05, 1e-8, 0.01, 0.3], device=device)
+    inv_scale = torch.tensor(0.7, device=device)
+    eager = [[t.clone() for t in ts] for ts in base]
+    compiled = [[t.clone() for t in ts] for ts in base]
+    master_weights.adamw_update_many(*eager[:4], scalars, inv_scale, eager[4])
+    master_weights._update_fn(device)(*compiled[:4], scalars, inv_scale, compiled[4])
+    diffs = [float((a.float() - b.float()).abs().max()) for ea, co in zip(eager, compiled, strict=True)
+             for a, b in zip(ea, co, strict=True)]
+    for ea, co in zip(eager, compiled, strict=True):
+        for a, b in zip(ea, co, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    print(f"master-weight update: compiled = eager (max |diff| {max(diffs):.2e})")
+
+
 def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
-    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip>[-closs][-prefetch][-keep]": fusedclip folds the
-    gradient clip into the fused AdamW kernel (mot.train.optim.clip_gradients); closs: the loss under
+    """mode: "<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip|master>[-closs][-prefetch][-keep]": fusedclip folds
+    the gradient clip into the fused AdamW kernel (mot.train.optim.clip_gradients); master: bf16 compute weights
+    with fp32 masters in the optimizer (mot.train.master_weights, the clip folded in too); closs: the loss under
     torch.compile; prefetch (FSDP): explicit all-gather prefetching of the next block; keep (FSDP): gathered
     weights kept over the step's micro-batches (mot.train.sharding)."""
     compiled, attention, optim, *extra = mode.split("-")
@@ -107,12 +131,16 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
         shard(model, prefetch="prefetch" in extra)
-    optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim != "foreach")
+    if optim == "master" and world > 1:
+        raise SystemExit("master weights run on one process (FSDP's bf16 policy casts per shard)")
+    optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim != "foreach",
+                                master_weights=optim == "master")
     layout = bench_layout(args.seq_len)
     layout = layout.repeat(max(1, args.micro_batch // layout.shape[0]), 1)[: args.micro_batch]
     doc_len = (args.seq_len // 4, args.seq_len)
     n_mod = cfg.n_modalities
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 autocast on the GPU; on the CPU (--smoke) only where the weights are bf16 already
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or optim == "master")
 
     def batch_for(layout, seed):
         tokens, modality, positions, doc_ids = make_batch(model, layout, device, seed, doc_len)
@@ -134,9 +162,11 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
                 if "keep" in extra:
                     keep_gathered(model, k, args.accum_steps)
             forward_backward_once(*batch)
+            if optim == "master" and k < args.accum_steps - 1:
+                optimizer.stash_gradients()
 
     def update():
-        if optim == "fusedclip":
+        if optim in ("fusedclip", "master"):
             clip_gradients(optimizer, model.parameters(), 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -219,9 +249,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["dense", "mot"], choices=["dense", "mot"])
     parser.add_argument("--modes", nargs="+", default=["compiled-flex-fused-closs", "compiled-flex-fusedclip-closs"],
-                        help="<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip>[-closs]: compile the blocks or "
-                             "not; dense boolean document mask through SDPA or a FlexAttention BlockMask; AdamW "
-                             "multi-tensor, fused, or fused with the clip folded in; the loss compiled too")
+                        help="<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip|master>[-closs]: compile the "
+                             "blocks or not; dense boolean document mask through SDPA or a FlexAttention BlockMask; "
+                             "AdamW multi-tensor, fused, fused with the clip folded in, or over bf16 compute weights "
+                             "with fp32 masters; the loss compiled too")
     parser.add_argument("--accum-steps", type=int, default=1,
                         help="micro-batches per optimizer step, measured (one step = all of them and the update)")
     parser.add_argument("--accum", type=int, default=8,
@@ -260,6 +291,8 @@ def main() -> int:
         say(f"FSDP2 over {world} processes, each {args.accum_steps} micro-batch(es) of {args.micro_batch} x "
             f"{args.seq_len} per step; figures per GPU")
 
+    if device.type == "cuda" and any("-master" in mode for mode in args.modes) and main_process:
+        check_master_update(device)
     results = []
     for mode in args.modes:
         for variant in args.variants:

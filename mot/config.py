@@ -173,6 +173,10 @@ class TrainConfig:
     # FSDP: keep each block's gathered bf16 weights from the first forward of a step to its last backward (one
     # all-gather per step instead of two per micro-batch; costs 2 bytes per parameter per GPU). mot/train/sharding.py
     fsdp_keep_gathered: bool = False
+    # bf16 matmul weights in the model, their fp32 masters in the optimizer (mot/train/master_weights.py): no
+    # weight casts per micro-batch, gradients still accumulated in fp32. One process with bf16 precision only.
+    # "auto": on for bf16 training on one CUDA device.
+    master_weights: bool | Literal["auto"] = "auto"
     # A non-finite loss or gradient: "stop" names the step and modality; "skip" drops that update.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10  # "skip" still stops after this many skipped updates in a row
@@ -262,6 +266,8 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
     for key in ("weight_decay", "grad_clip", "eps", "peak_tflops"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.master_weights is True and t.precision == "fp32":
+        fail("train.master_weights", "needs bf16 precision (train.precision is 'fp32')")
     if t.keep_checkpoints < 1:
         fail("train.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
     d = cfg.data

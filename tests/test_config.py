@@ -119,6 +119,8 @@ def test_overrides(recipe):
     assert cfg.name == "x"
     assert load_config(recipe).train.flex_attention == "auto"
     assert load_config(recipe, ["--train.flex_attention=false"]).train.flex_attention is False
+    assert load_config(recipe).train.master_weights == "auto"
+    assert load_config(recipe, ["--train.master_weights=true"]).train.master_weights is True
 
 
 @pytest.mark.parametrize(
@@ -129,6 +131,7 @@ def test_overrides(recipe):
         ("--model.modalities.5.vocab_size=3", "no list entry"),
         ("--model.dim", "expected --key=value"),
         ("--train.flex_attention=sometimes", r"'train.flex_attention' must be"),
+        ("--train.master_weights=sometimes", r"'train.master_weights' must be"),
     ],
 )
 def test_bad_overrides(recipe, override, match):
@@ -146,3 +149,9 @@ def test_missing_file_and_bad_toml(tmp_path):
 @pytest.mark.parametrize("path", sorted(REPO.glob("recipes/**/*.toml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(path):
     load_config(path)
+
+
+def test_master_weights_need_bf16_precision(recipe):
+    with pytest.raises(ConfigError, match=r"'train.master_weights' needs bf16 precision"):
+        load_config(recipe, ["--train.master_weights=true", "--train.precision=fp32"])
+    assert load_config(recipe, ["--train.master_weights=true", "--train.precision=bf16"]).train.master_weights

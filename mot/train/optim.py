@@ -10,6 +10,7 @@ from torch import nn
 from mot.config import TrainConfig
 from mot.model.pattention import TowerPattention
 from mot.model.routing import TowerLinear
+from mot.train.master_weights import MasterWeightAdamW
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,24 +30,38 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True,
+                    master_weights: bool = False) -> torch.optim.Optimizer:
     """fused: one kernel for all parameters (CPU and CUDA, plain tensors or FSDP's DTensors); the multi-tensor
-    path otherwise."""
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=fused or None, foreach=None if fused else True,
-    )
+    path otherwise. master_weights: the model's matmul weights become bf16 and the optimizer keeps their fp32
+    masters (mot/train/master_weights.py); fused is then implied."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    if master_weights:
+        return MasterWeightAdamW(model, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
     """Total gradient norm of `parameters` (before clipping); the gradients are clipped to `max_norm` by the
     next `optimizer.step()`.
 
-    A fused AdamW clips inside its own kernel: its `grad_scale` (the protocol torch's GradScaler uses) divides
-    every gradient as it is read, which saves a separate pass over all gradients (bench/NOTES.md: 3.8 ms per
-    step for a 2.7B-parameter MoT on an H100). Anything else (FSDP's DTensor gradients) is clipped in place as
+    A fused AdamW (and MasterWeightAdamW) clips inside its own kernel: its `grad_scale` (the protocol torch's
+    GradScaler uses) divides every gradient as it is read, which saves a separate pass over all gradients
+    (bench/NOTES.md: 3.8 ms per step for a 2.7B-parameter MoT on an H100). Anything else (FSDP's DTensor
+    gradients) is clipped in place as
     `torch.nn.utils.clip_grad_norm_` does. Either way: grad * min(1, max_norm / (norm + 1e-6)).
     """
+    if isinstance(optimizer, MasterWeightAdamW):  # its own gradients: fp32 sums over stashed micro-batches
+        grads = optimizer.gradients()
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        # Norms in fp32 also of bf16 gradients: the value the fp32 gradients of autocast would give.
+        norms = [n for gs in by_device.values() for n in torch._foreach_norm(gs, 2, dtype=torch.float32)]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
+        return norm
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     norm = torch.nn.utils.get_total_norm(grads)

@@ -72,12 +72,32 @@ def _accelerator(cfg: RunConfig):
     precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
     fsdp = None
     if t.distributed == "fsdp" and PartialState().num_processes > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # bf16 compute, fp32 gradient reduction: accelerate's own bf16 policy reduces in bf16, and FSDP2 then
+        # also accumulates a step's micro-batches in bf16 (torchtitan's default reduces in fp32, as here).
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                       output_dtype=torch.bfloat16) if precision == "bf16" else None)
         fsdp = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=[MoTBlock.__name__], reshard_after_forward=True,
-            state_dict_type="FULL_STATE_DICT",
+            state_dict_type="FULL_STATE_DICT", mixed_precision_policy=policy,
         )
     return Accelerator(mixed_precision={"bf16": "bf16", "fp32": "no"}[precision], fsdp_plugin=fsdp, cpu=not cuda)
+
+
+def _master_weights(cfg: RunConfig, acc, where: str) -> bool:
+    """Whether the model computes with bf16 weights and the optimizer keeps fp32 masters (train.master_weights)."""
+    wanted = cfg.train.master_weights
+    bf16 = acc.mixed_precision == "bf16"
+    if wanted == "auto":
+        return bf16 and acc.num_processes == 1 and acc.device.type == "cuda"
+    if wanted and not bf16:
+        raise ConfigError(f"{where}: train.master_weights needs bf16 precision (set train.precision = 'bf16')")
+    if wanted and acc.num_processes > 1:
+        raise ConfigError(f"{where}: train.master_weights runs on one process; with {acc.num_processes} processes "
+                          "set it to false or 'auto' (FSDP's bf16 policy does the same per shard)")
+    return bool(wanted)
 
 
 def _batch_shape(cfg: RunConfig, world_size: int, where: str) -> tuple[int, int]:
@@ -181,7 +201,9 @@ class Trainer:
             self.loss_fn = torch.compile(next_token_loss)
         model.to(acc.device)  # first, so that AdamW picks its fused kernel for the device
         self.sharded = cfg.train.distributed == "fsdp" and acc.num_processes > 1
-        optimizer = build_optimizer(model, cfg.train)  # fused, also over FSDP's DTensors
+        self.master_weights = _master_weights(cfg, acc, where)
+        # fused, also over FSDP's DTensors; with master weights the matmul weights become bf16 here
+        optimizer = build_optimizer(model, cfg.train, master_weights=self.master_weights)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
@@ -224,7 +246,10 @@ class Trainer:
             raise ConfigError(f"{self.where}: cannot resume from {path}: the model differs from the checkpoint's "
                               f"({'; '.join(diff)})")
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, ckpt.load_model_state(path), options=options)
+        model_state = ckpt.load_model_state(path)
+        set_model_state_dict(self.model, model_state, options=options)
+        if self.master_weights:  # the fp32 weights as saved, not the bf16 copies the model now holds
+            self.optimizer.optimizer.load_masters(model_state)
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.train_loader.load_state_dict(meta["loader"])
@@ -303,6 +328,8 @@ class Trainer:
                     acc.backward((micro_sum * self.loss_weights).sum() / predictions)
                 else:  # per-objective means of this micro-batch (their counts vary), averaged over the step
                     acc.backward(self.objective(micro_sum, micro_count) / self.accum)
+            if self.master_weights and micro < self.accum - 1:
+                self.optimizer.optimizer.stash_gradients()  # fp32 sums of the bf16 gradients
             loss_sum += micro_sum.detach()
             count += micro_count
         clip = self.cfg.train.grad_clip or math.inf
@@ -373,6 +400,8 @@ class Trainer:
         acc = self.accelerator
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.model, options=options)  # collective under FSDP
+        if self.master_weights:  # the checkpoint's weights are the fp32 masters, not the bf16 compute copies
+            model_state.update({k: v.detach().cpu() for k, v in self.optimizer.optimizer.master_state_dict().items()})
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         path = None
         if acc.is_main_process:
