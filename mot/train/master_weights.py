@@ -127,10 +127,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def stash_gradients(self) -> None:
         """After a micro-batch that is not the step's last: move the bf16 gradients of the compute weights into
         fp32 sums, so the step's gradients are accumulated in fp32."""
-        params = [p for p in self.masters if p.grad is not None]
-        added = [p for p in params if p in self.grad_sums]  # dict lookups by identity (tensors hash by id)
-        if added:
-            torch._foreach_add_([self.grad_sums[p] for p in added], [p.grad for p in added])
+        self._add_into_sums([p for p in self.masters if p.grad is not None])
+
+    def _add_into_sums(self, params: list[torch.Tensor]) -> None:
+        existing = [p for p in params if p in self.grad_sums]  # dict lookups by identity (tensors hash by id)
+        if existing:
+            torch._foreach_add_([self.grad_sums[p] for p in existing], [p.grad for p in existing])
         for p in params:
             if p not in self.grad_sums:
                 self.grad_sums[p] = p.grad.float()
@@ -139,12 +141,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def gradients(self) -> list[torch.Tensor]:
         """The step's gradient of every parameter that has one (fp32 sums where micro-batches were stashed;
         the last micro-batch's bf16 gradients are added into them here)."""
-        if self.grad_sums:
-            pending = [p for p in self.grad_sums if p.grad is not None]
-            if pending:
-                torch._foreach_add_([self.grad_sums[p] for p in pending], [p.grad for p in pending])
-                for p in pending:
-                    p.grad = None
+        self._add_into_sums([p for p in self.grad_sums if p.grad is not None])
         grads = []
         for group in self.param_groups:
             for p in group["params"]:

@@ -96,7 +96,7 @@ def _master_weights(cfg: RunConfig, acc, where: str) -> bool:
         raise ConfigError(f"{where}: train.master_weights needs bf16 precision (set train.precision = 'bf16')")
     if wanted and acc.num_processes > 1:
         raise ConfigError(f"{where}: train.master_weights runs on one process; with {acc.num_processes} processes "
-                          "set it to false or 'auto' (FSDP's bf16 policy does the same per shard)")
+                          "set it to false or 'auto' (under FSDP the bf16 policy casts once per shard)")
     return bool(wanted)
 
 
