@@ -39,7 +39,7 @@ from mot.config import ModalityConfig, ModelConfig, TrainConfig  # noqa: E402
 from mot.data.loader import document_causal_mask  # noqa: E402
 from mot.data.synthetic import bench_layout, random_layout, tokens_for_layout  # noqa: E402
 from mot.flops import dense_baseline, size_report  # noqa: E402
-from mot.model import MoTTransformer  # noqa: E402
+from mot.model import MoTTransformer, routing  # noqa: E402
 from mot.model.masks import document_block_mask  # noqa: E402
 from mot.objectives.ar import next_token_loss  # noqa: E402
 from mot.train.optim import build_optimizer, clip_gradients  # noqa: E402
@@ -73,7 +73,9 @@ def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, d
             doc_ids[b, start : start + n] = doc
             positions[b, start : start + n] = torch.arange(min(n, seq_len - start))
             start, doc = start + n, doc + 1
-    return [t.to(device) for t in (tokens, layout, positions, doc_ids)]
+    # Tokens per tower counted on the host, as the trainer does (PackedBatch.counted): no sync in the forward.
+    counts = tuple(torch.bincount(layout.reshape(-1), minlength=len(model.cfg.modalities)).tolist())
+    return [t.to(device) for t in (tokens, layout, positions, doc_ids)] + [counts]
 
 
 def shard(model: MoTTransformer, prefetch: bool) -> None:
@@ -114,13 +116,49 @@ def check_master_update(device) -> None:
     print(f"master-weight update: compiled = eager (max |diff| {worst:.2e})")
 
 
+def check_tower_mm(device) -> None:
+    """The per-tower GEMM op on the GPU (bf16, one tower without rows) against float64: forward, input
+    gradient, and weight gradients added into fp32 sums over two backward passes (cuBLAS's in-place
+    accumulation)."""
+    from mot.model.tower_matmul import tower_mm
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    counts = torch.tensor([1656, 0, 2440])
+    rows, d_in, d_out = int(counts.sum()), 512, 384
+    weight = torch.randn(3, d_out, d_in, generator=gen, device=device).bfloat16()
+    grad_sum = torch.zeros(3, d_out, d_in, device=device)
+    expected = torch.zeros(3, d_out, d_in, device=device, dtype=torch.float64)
+    bounds = [(0, 1656), (1656, 1656), (1656, rows)]
+    worst = 0.0
+    for _ in range(2):
+        x = torch.randn(rows, d_in, generator=gen, device=device).bfloat16().requires_grad_()
+        dy = torch.randn(rows, d_out, generator=gen, device=device).bfloat16()
+        y = tower_mm(x, weight, counts, grad_sum)
+        y.backward(dy)
+        ref_y = torch.cat([x[a:b].double() @ weight[t].double().t() for t, (a, b) in enumerate(bounds)])
+        ref_dx = torch.cat([dy[a:b].double() @ weight[t].double() for t, (a, b) in enumerate(bounds)])
+        for t, (a, b) in enumerate(bounds):
+            expected[t] += dy[a:b].double().t() @ x[a:b].detach().double()
+        torch.testing.assert_close(y.double(), ref_y, rtol=1e-2, atol=1e-2 * float(ref_y.abs().max()))
+        torch.testing.assert_close(x.grad.double(), ref_dx, rtol=1e-2, atol=1e-2 * float(ref_dx.abs().max()))
+    error = float((grad_sum.double() - expected).abs().max() / expected.abs().max())
+    assert error < 1e-5 and torch.count_nonzero(grad_sum[1]) == 0, error
+    worst = max(worst, error)
+    print(f"per-tower GEMM op: matches float64 (fp32 gradient sums: max relative error {worst:.1e})")
+
+
 def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     """mode: "<eager|compiled>-<mask|flex>-<foreach|fused|fusedclip|master>[-closs][-prefetch][-keep]": fusedclip folds
     the gradient clip into the fused AdamW kernel (mot.train.optim.clip_gradients); master: bf16 compute weights
     with fp32 masters in the optimizer (mot.train.master_weights, the clip folded in too); closs: the loss under
     torch.compile; prefetch (FSDP): explicit all-gather prefetching of the next block; keep (FSDP): gathered
-    weights kept over the step's micro-batches (mot.train.sharding)."""
+    weights kept over the step's micro-batches (mot.train.sharding); grouped: MoT projections as one
+    `torch._grouped_mm` each (the route's slice sizes stay on the device) instead of one cuBLAS GEMM per tower;
+    stash (master, several micro-batches): the blocks' bf16 weight gradients are added into fp32 sums after each
+    micro-batch instead of inside their backward GEMMs (MasterWeightAdamW.accumulate_in_backward, the
+    trainer's default)."""
     compiled, attention, optim, *extra = mode.split("-")
+    routing.GROUPED_MM = "always" if "grouped" in extra else "auto"
     loss_fn = torch.compile(next_token_loss) if "closs" in extra else next_token_loss
     torch.manual_seed(0)
     model = MoTTransformer(cfg).to(device)
@@ -134,6 +172,8 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
         raise SystemExit("master weights run on one process (FSDP's bf16 policy casts per shard)")
     optimizer = build_optimizer(model, TrainConfig(steps=10, warmup_steps=0), fused=optim != "foreach",
                                 master_weights=optim == "master")
+    if optim == "master" and args.accum_steps > 1 and "stash" not in extra:
+        optimizer.accumulate_in_backward(model)
     layout = bench_layout(args.seq_len)
     layout = layout.repeat(max(1, args.micro_batch // layout.shape[0]), 1)[: args.micro_batch]
     doc_len = (args.seq_len // 4, args.seq_len)
@@ -142,13 +182,13 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or optim == "master")
 
     def batch_for(layout, seed):
-        tokens, modality, positions, doc_ids = make_batch(model, layout, device, seed, doc_len)
+        tokens, modality, positions, doc_ids, counts = make_batch(model, layout, device, seed, doc_len)
         mask = document_block_mask(doc_ids) if attention == "flex" else document_causal_mask(doc_ids)
-        return tokens, modality, positions, mask
+        return tokens, modality, positions, mask, counts
 
-    def forward_backward_once(tokens, modality, positions, mask):
+    def forward_backward_once(tokens, modality, positions, mask, counts):
         with autocast:
-            logits = model(tokens, modality, positions, mask)
+            logits = model(tokens, modality, positions, mask, tower_counts=counts)
         loss, _, _ = loss_fn(logits, tokens, modality, n_mod)
         loss.backward()
 
@@ -213,6 +253,10 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
             sync()
         print(f"\n--- {name} {mode}: top CUDA kernels over 3 steps ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile, max_name_column_width=70))
+        if args.json:  # every kernel, for sums by kind: name, calls, total ms over the 3 steps
+            rows = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+            kernels = Path(args.json).with_name(f"{Path(args.json).stem}_{name}_{mode}_kernels.tsv")
+            kernels.write_text("".join(f"{k}\t{c}\t{ms:.3f}\n" for k, c, ms in rows))
 
     recompiles = None
     if compiled == "compiled":
@@ -292,6 +336,8 @@ def main() -> int:
 
     if device.type == "cuda" and any("-master" in mode for mode in args.modes) and main_process:
         check_master_update(device)
+    if device.type == "cuda" and main_process:
+        check_tower_mm(device)
     results = []
     for mode in args.modes:
         for variant in args.variants:

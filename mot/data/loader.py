@@ -20,6 +20,7 @@ yields exactly the batches the original would have yielded next.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,21 @@ class PackedBatch:
     modality: torch.Tensor  # (B, T) int64 tower index
     positions: torch.Tensor  # (B, T) int64 rotary positions
     document_ids: torch.Tensor  # (B, T) int64, local to each sequence
+    # tokens per modality, counted on the host (MoTTransformer's tower_counts); see `counted`
+    tower_counts: tuple[int, ...] | None = None
 
     def attn_mask(self) -> torch.Tensor:
         return document_causal_mask(self.document_ids)
 
+    def counted(self, n_modalities: int) -> PackedBatch:
+        """This batch with its tokens per modality counted on the host (call before moving it to the GPU)."""
+        counts = torch.bincount(self.modality.reshape(-1), minlength=n_modalities)
+        return dataclasses.replace(self, tower_counts=tuple(counts.tolist()))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)
-        return PackedBatch(move(self.tokens), move(self.modality), move(self.positions), move(self.document_ids))
+        return PackedBatch(move(self.tokens), move(self.modality), move(self.positions), move(self.document_ids),
+                           self.tower_counts)
 
 
 class PackedLoader:

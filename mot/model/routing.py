@@ -5,21 +5,31 @@ The authors' reference routes with a boolean mask at every projection
 H100. Here the flattened tokens are sorted by modality once per batch (stable),
 the residual stream stays in that order through all layers, and it is un-sorted
 only around attention, which is global over the sequence. In sorted order every
-modality is one contiguous slice, so each projection is a single
-`torch._grouped_mm` over the slices (CUDA, bf16) or a split + matmul elsewhere.
+modality is one contiguous slice, so each projection is one GEMM per slice
+(tower_matmul.py) when the slice sizes are on the host (the trainer counts them
+from its CPU batch; a CPU route has them anyway), else a single
+`torch._grouped_mm` over the slices (CUDA, bf16) or a split + matmul.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# "auto": grouped matmul where the kernel supports the inputs, split + matmul elsewhere.
-# "never": always split + matmul. "always": grouped wherever torch accepts it (also CPU bf16/fp32).
+from mot.model.tower_matmul import tower_mm
+
+# "auto": one GEMM per tower where the route has host-side counts, else grouped matmul where the kernel supports
+# the inputs, else split + matmul. "never": no grouped matmul. "always": grouped wherever torch accepts it (also
+# CPU bf16/fp32).
 GROUPED_MM = "auto"
+# On CUDA, projections of fewer multiply-accumulates (rows x in x out) than this take the grouped matmul even with
+# host counts: each per-tower op costs ~0.1-0.5 ms of host time, which a small model cannot hide (the 83M
+# demo_gpu recipe's largest projection is 1.3e10; the ~1B recipe's smallest 3.4e10).
+PER_TOWER_MIN_MACS = 2 * 10**10
 
 
 class _Permute(torch.autograd.Function):
@@ -75,6 +85,7 @@ class Route:
     offsets: torch.Tensor  # (M,) int32 end offset of each tower's slice (grouped_mm's `offs`)
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
+    host_counts: torch.Tensor | None = None  # (M,) int64 on the CPU: what the per-tower GEMMs slice by
     _counts_list: list[int] | None = None
 
     @property
@@ -82,9 +93,9 @@ class Route:
         return self.counts.shape[0]
 
     def counts_list(self) -> list[int]:
-        """Slice sizes on the host. Reads the device once per batch (a sync on CUDA)."""
+        """Slice sizes on the host (reading `counts` is a sync on CUDA where the route has no host counts)."""
         if self._counts_list is None:
-            self._counts_list = self.counts.tolist()
+            self._counts_list = (self.counts if self.host_counts is None else self.host_counts).tolist()
         return self._counts_list
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +111,16 @@ class Route:
         return _ExpandTowerRows.apply(weight, self.sorted_modality)
 
 
-def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True) -> Route:
+def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True,
+                 host_counts: Sequence[int] | torch.Tensor | None = None) -> Route:
     """Route a (B, T) or (N,) tensor of tower indices. `permute=False` gives the identity route.
 
     Every shape here is static (N or M), so torch.compile traces it once for any mix of modalities.
+    host_counts: the M tokens per tower, counted by the caller from its host copy of the batch; with them each
+    projection can be one cuBLAS GEMM per tower (tower_matmul.py). Reading them from the GPU here would be a
+    sync per batch, which stalls a model whose host and GPU work overlap, so without them a CUDA route keeps
+    its counts on the device (grouped matmul); a CPU route counts them itself. A tuple of ints passes through
+    DDP and FSDP untouched (both move tensor arguments to the GPU; a tensor on the GPU is read back, a sync).
     """
     flat = modality.reshape(-1)
     towers = torch.arange(n_towers, device=flat.device, dtype=flat.dtype)
@@ -117,7 +134,13 @@ def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True) ->
     # End offset of each tower's slice; a tower with no tokens gets an empty slice.
     offsets = torch.searchsorted(sorted_modality, towers, right=True)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    return Route(sorted_modality, counts, offsets.to(torch.int32), order, inverse)
+    if host_counts is not None:
+        host_counts = torch.as_tensor(host_counts, dtype=torch.int64, device="cpu")
+        if host_counts.shape != (n_towers,):
+            raise ValueError(f"host_counts must hold {n_towers} tower counts, got shape {tuple(host_counts.shape)}")
+    elif counts.device.type == "cpu":
+        host_counts = counts.to(torch.int64)
+    return Route(sorted_modality, counts, offsets.to(torch.int32), order, inverse, host_counts)
 
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -136,14 +159,28 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:
-    """y[j] = x[j] @ weight[tower(j)].T for sorted rows x (N, in) and weight (M, out, in)."""
+def _per_tower(x: torch.Tensor, weight: torch.Tensor, route: Route) -> bool:
+    """One GEMM per tower: where the counts are on the host, and on CUDA only for GEMMs large enough that the
+    per-tower calls' host time hides behind the GPU work (a small model is host-bound; bench/NOTES.md)."""
+    if route.host_counts is None or GROUPED_MM == "always":
+        return False
+    return not x.is_cuda or x.shape[0] * weight.shape[1] * weight.shape[2] >= PER_TOWER_MIN_MACS
+
+
+def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: Route, grad_sum: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """y[j] = x[j] @ weight[tower(j)].T for sorted rows x (N, in) and weight (M, out, in).
+
+    grad_sum: an fp32 (M, out, in) tensor the backward adds the weight gradient into, instead of `.grad`
+    (tower_matmul.py; M > 1), where the per-tower GEMMs run; elsewhere the gradient goes to `.grad` as usual."""
     if weight.shape[0] == 1:
         return F.linear(x, weight[0])
     if torch.is_autocast_enabled(x.device.type):
-        # _grouped_mm is not on autocast's lists: cast the way F.linear would be cast.
+        # The custom and grouped matmuls are not on autocast's lists: cast the way F.linear would be cast.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    if _per_tower(x, weight, route):
+        return tower_mm(x, weight, route.host_counts, grad_sum if torch.is_grad_enabled() else None)
     if _grouped_mm_supported(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=route.offsets)
     parts = x.split(route.counts_list())
@@ -151,14 +188,19 @@ def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.T
 
 
 class TowerLinear(nn.Module):
-    """A bias-free linear layer with one weight per tower (one tower = an ordinary linear layer)."""
+    """A bias-free linear layer with one weight per tower (one tower = an ordinary linear layer).
+
+    `grad_sum` (not state; set by mot.train.master_weights when micro-batches are accumulated, towers > 1): an
+    fp32 tensor of the weight's shape that the backward adds the weight gradient into, leaving `weight.grad` None.
+    """
 
     def __init__(self, n_towers: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_towers, out_features, in_features))
+        self.grad_sum: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        return tower_linear(x, self.weight, route)
+        return tower_linear(x, self.weight, route, self.grad_sum)
 
     def extra_repr(self) -> str:
         m, out_f, in_f = self.weight.shape

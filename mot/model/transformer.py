@@ -7,6 +7,7 @@ is the identity and the same code runs the same kernels as a plain transformer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -63,8 +64,8 @@ class MoTTransformer(nn.Module):
         for projection in self.latent_io.values():
             projection.reset_parameters(std)
 
-    def route(self, modality: torch.Tensor) -> Route:
-        return route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense)
+    def route(self, modality: torch.Tensor, tower_counts: Sequence[int] | torch.Tensor | None = None) -> Route:
+        return route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense, host_counts=tower_counts)
 
     def hidden_states(
         self,
@@ -74,6 +75,7 @@ class MoTTransformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         latents: dict[int, torch.Tensor] | None = None,
         timesteps: dict[int, torch.Tensor] | None = None,
+        tower_counts: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) final-normed hidden states.
 
@@ -82,11 +84,14 @@ class MoTTransformer(nn.Module):
         attn_mask: boolean (B, 1, T, T), True = may attend; default causal.
         latents, timesteps: per diffusion modality m, the noised latent tokens (N_m, token_dim) and their
         times (N_m,) of the N_m positions where modality == m, in row-major order (see `embed_inputs`).
+        tower_counts: the M tokens per modality, counted on the host (`PackedBatch.counted`; a tuple of ints,
+        which DDP and FSDP leave on the host): on CUDA the blocks then run one cuBLAS GEMM per tower instead of
+        a grouped matmul.
         """
         batch, seq_len = tokens.shape
         if modality is None:
             modality = self.vocab.modality_of(tokens)
-        route = self.route(modality)
+        route = self.route(modality, tower_counts)
         x = self.embed_inputs(tokens, modality, route, latents, timesteps)
         x = self.run_blocks(x, route, batch, seq_len, positions, attn_mask)
         return route.unsort(x).view(batch, seq_len, -1)
@@ -145,15 +150,16 @@ class MoTTransformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         latents: dict[int, torch.Tensor] | None = None,
         timesteps: dict[int, torch.Tensor] | None = None,
+        tower_counts: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(B, T) token ids -> (B, T, V) logits over the unified vocabulary.
 
         With `latents` (diffusion modalities, see `hidden_states`): (logits, predictions), the predictions
-        per modality (N_m, token_dim) in the order of its latents.
+        per modality (N_m, token_dim) in the order of its latents. tower_counts: see `hidden_states`.
         """
         if modality is None:
             modality = self.vocab.modality_of(tokens)
-        hidden = self.hidden_states(tokens, modality, positions, attn_mask, latents, timesteps)
+        hidden = self.hidden_states(tokens, modality, positions, attn_mask, latents, timesteps, tower_counts)
         logits = self.head(hidden)
         if latents is None:
             return logits

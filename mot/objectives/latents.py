@@ -15,6 +15,7 @@ With patch_size 1 and no cut spans the rows keep their length and positions exac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,15 +125,21 @@ class LatentBatch:
     span_ids: torch.Tensor  # (B, T): -1 outside an image span, k inside the batch's k-th span
     target_mask: torch.Tensor  # (B, T) bool: tokens that are next-token targets (not latents, pads, <eoi>)
     latents: dict[int, torch.Tensor] = field(default_factory=dict)  # modality -> (images, tokens, token_dim)
+    tower_counts: tuple[int, ...] | None = None  # as PackedBatch's: tokens per modality, counted on the host
 
     def attn_mask(self) -> torch.Tensor:
         return mixed_mask(self.document_ids, self.span_ids)
+
+    def counted(self, n_modalities: int) -> LatentBatch:
+        """This batch with its tokens per modality counted on the host (call before moving it to the GPU)."""
+        counts = torch.bincount(self.modality.reshape(-1), minlength=n_modalities)
+        return dataclasses.replace(self, tower_counts=tuple(counts.tolist()))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)
         return LatentBatch(move(self.tokens), move(self.modality), move(self.positions), move(self.document_ids),
                            move(self.span_ids), move(self.target_mask),
-                           {m: move(z) for m, z in self.latents.items()})
+                           {m: move(z) for m, z in self.latents.items()}, self.tower_counts)
 
 
 class LatentBatcher:

@@ -204,6 +204,8 @@ class Trainer:
         self.master_weights = _master_weights(cfg, acc, where)
         # fused, also over FSDP's DTensors; with master weights the matmul weights become bf16 here
         optimizer = build_optimizer(model, cfg.train, master_weights=self.master_weights)
+        if self.master_weights and self.accum > 1:  # the blocks' GEMMs add into the fp32 gradient sums themselves
+            optimizer.accumulate_in_backward(model)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
@@ -266,13 +268,16 @@ class Trainer:
         """A loader batch on the device; with diffusion modalities, its image spans turned into latents."""
         if self.batcher is not None:
             batch = self.batcher(batch)
+        if batch.modality.device.type == "cpu":  # counted here, the blocks never read them back from the GPU
+            batch = batch.counted(len(self.names))
         return batch.to(self.accelerator.device, non_blocking=True)
 
     def _loss(self, batch: PackedBatch | LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality loss sums and prediction counts of one micro-batch (for a diffusion modality: the
         squared error summed over its latent tokens, and their count)."""
         if not isinstance(batch, LatentBatch):
-            logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch))
+            logits = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch),
+                                tower_counts=batch.tower_counts)
             _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names))
             return loss_sum, count
         noised, times, clean, noise = {}, {}, {}, {}
@@ -283,7 +288,7 @@ class Trainer:
             times[m] = t.repeat_interleave(x0.shape[1])
             clean[m], noise[m] = x0.flatten(0, 1), noise[m].flatten(0, 1)
         logits, predictions = self.model(batch.tokens, batch.modality, batch.positions, self._mask(batch),
-                                         noised, times)
+                                         noised, times, batch.tower_counts)
         _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, len(self.names), batch.target_mask)
         extra_sum, extra_count = torch.zeros_like(loss_sum), torch.zeros_like(count)
         for m, prediction in predictions.items():
@@ -329,7 +334,7 @@ class Trainer:
                 else:  # per-objective means of this micro-batch (their counts vary), averaged over the step
                     acc.backward(self.objective(micro_sum, micro_count) / self.accum)
             if self.master_weights and micro < self.accum - 1:
-                self.optimizer.optimizer.stash_gradients()  # fp32 sums of the bf16 gradients
+                self.optimizer.optimizer.stash_gradients()  # fp32 sums of the other bf16 gradients
             loss_sum += micro_sum.detach()
             count += micro_count
         clip = self.cfg.train.grad_clip or math.inf
