@@ -110,6 +110,8 @@ def test_route_takes_host_counts_from_the_caller_and_checks_them():
     assert routing.route_tokens(modality, 3, host_counts=(4, 2, 2)).host_counts.tolist() == [4, 2, 2]  # as DDP/FSDP
     with pytest.raises(ValueError, match="host_counts must hold 3 tower counts"):
         routing.route_tokens(modality, 3, host_counts=counts[:2])
+    with pytest.raises(ValueError, match=r"host_counts \[2, 4, 2\] do not match the modalities \[4, 2, 2\]"):
+        routing.route_tokens(modality, 3, host_counts=(2, 4, 2))
 
 
 def test_batches_carry_host_counts_through_the_move_to_a_device():

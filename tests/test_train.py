@@ -124,6 +124,22 @@ def test_weighted_loss_equals_a_per_token_loop(shards, tmp_path):
     assert weighted.item() == pytest.approx(total / predictions, rel=1e-5)
 
 
+def test_the_trainer_hands_the_model_tokens_per_modality_counted_on_the_host(shards, tmp_path, monkeypatch):
+    """What lets the GPU blocks run one GEMM per tower without reading the counts back (mot.model.routing)."""
+    from mot.model import transformer
+
+    seen = []
+    route_tokens = transformer.route_tokens
+    monkeypatch.setattr(transformer, "route_tokens",
+                        lambda modality, n, permute, host_counts: seen.append(host_counts)
+                        or route_tokens(modality, n, permute, host_counts))
+    trainer = Trainer(run_config(shards, tmp_path), progress=False)
+    batch = trainer._batch(next(trainer.train_batches))
+    trainer._loss(batch)
+    expected = tuple(torch.bincount(batch.modality.reshape(-1), minlength=3).tolist())
+    assert batch.tower_counts == expected and seen == [expected]
+
+
 def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
     one = train(run_config(shards, tmp_path / "a", micro_batch_size=4, steps=3), progress=False)
     two = train(run_config(shards, tmp_path / "b", micro_batch_size=2, steps=3), progress=False)

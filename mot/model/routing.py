@@ -138,6 +138,8 @@ def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True,
         host_counts = torch.as_tensor(host_counts, dtype=torch.int64, device="cpu")
         if host_counts.shape != (n_towers,):
             raise ValueError(f"host_counts must hold {n_towers} tower counts, got shape {tuple(host_counts.shape)}")
+        if counts.device.type == "cpu" and not torch.equal(host_counts, counts.to(torch.int64)):  # free on the CPU
+            raise ValueError(f"host_counts {host_counts.tolist()} do not match the modalities {counts.tolist()}")
     elif counts.device.type == "cpu":
         host_counts = counts.to(torch.int64)
     return Route(sorted_modality, counts, offsets.to(torch.int32), order, inverse, host_counts)
