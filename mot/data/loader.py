@@ -57,6 +57,11 @@ def held_out(ids: list[str], eval_fraction: float, split_seed: int = 0) -> np.nd
     return np.array([unit(i) < eval_fraction for i in ids], dtype=bool)
 
 
+def count_towers(modality: torch.Tensor, n_modalities: int) -> tuple[int, ...]:
+    """Tokens per modality of a (B, T) host tensor: the `tower_counts` a batch hands the model."""
+    return tuple(torch.bincount(modality.reshape(-1), minlength=n_modalities).tolist())
+
+
 @dataclass
 class PackedBatch:
     tokens: torch.Tensor  # (B, T) int64 unified ids
@@ -71,8 +76,7 @@ class PackedBatch:
 
     def counted(self, n_modalities: int) -> PackedBatch:
         """This batch with its tokens per modality counted on the host (call before moving it to the GPU)."""
-        counts = torch.bincount(self.modality.reshape(-1), minlength=n_modalities)
-        return dataclasses.replace(self, tower_counts=tuple(counts.tolist()))
+        return dataclasses.replace(self, tower_counts=count_towers(self.modality, n_modalities))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)

@@ -27,8 +27,9 @@ from mot.model.tower_matmul import tower_mm
 # CPU bf16/fp32).
 GROUPED_MM = "auto"
 # On CUDA, projections of fewer multiply-accumulates (rows x in x out) than this take the grouped matmul even with
-# host counts: each per-tower op costs ~0.1-0.5 ms of host time, which a small model cannot hide (the 83M
-# demo_gpu recipe's largest projection is 1.3e10; the ~1B recipe's smallest 3.4e10).
+# host counts: each per-tower op call costs host time (~0.3-0.5 ms, inferred from step times on an H100 host),
+# which a small model cannot hide (the 83M demo_gpu recipe's largest projection is 1.3e10; the ~1B recipe's
+# smallest 3.4e10).
 PER_TOWER_MIN_MACS = 2 * 10**10
 
 

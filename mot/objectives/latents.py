@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 
 from mot.config import ConfigError, ModalityConfig, ModelConfig
+from mot.data.loader import count_towers
 from mot.model.masks import mixed_mask
 from mot.vocab import UnifiedVocab
 
@@ -132,8 +133,7 @@ class LatentBatch:
 
     def counted(self, n_modalities: int) -> LatentBatch:
         """This batch with its tokens per modality counted on the host (call before moving it to the GPU)."""
-        counts = torch.bincount(self.modality.reshape(-1), minlength=n_modalities)
-        return dataclasses.replace(self, tower_counts=tuple(counts.tolist()))
+        return dataclasses.replace(self, tower_counts=count_towers(self.modality, n_modalities))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LatentBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)
