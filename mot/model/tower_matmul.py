@@ -55,13 +55,12 @@ def tower_mm_backward(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor) -
     grad, x = grad.contiguous(), x.contiguous()
     grad_x = torch.empty_like(x)
     grad_weight = weight.new_empty(weight.shape)
-    filled = set()
+    for tower, rows in enumerate(counts.tolist()):
+        if rows == 0:  # no GEMM writes this tower's gradient
+            grad_weight[tower].zero_()
     for tower, start, end in _slices(counts, x.shape[0]):
         torch.mm(grad[start:end], weight[tower], out=grad_x[start:end])
         torch.mm(grad[start:end].t(), x[start:end], out=grad_weight[tower])
-        filled.add(tower)
-    for tower in set(range(weight.shape[0])) - filled:
-        grad_weight[tower].zero_()
     return grad_x, grad_weight
 
 
