@@ -12,6 +12,7 @@ from torch import nn
 
 from mot.config import ConfigError, TrainConfig
 from mot.data.synthetic import tokens_for_layout
+from mot.flops import dense_baseline
 from mot.model import MoTTransformer, routing
 from mot.objectives.ar import next_token_loss
 from mot.train.master_weights import MasterWeightAdamW, compute_weight_names
@@ -88,18 +89,19 @@ def _loss(model, tokens, modality, n):
     return next_token_loss(logits, tokens, modality, n)[0]
 
 
-@pytest.mark.parametrize("accumulation", ["stash", "in_backward", "in_backward_grouped"])
+@pytest.mark.parametrize("accumulation", ["stash", "in_backward", "in_backward_grouped", "in_backward_dense"])
 def test_training_equals_autocast_over_fp32_weights_with_accumulation(accumulation, monkeypatch):
     """3 steps of 3 micro-batches: the same losses and weights as fp32 weights under bf16 autocast + AdamW.
     Gradients of the micro-batches are summed in fp32 in both (stash_gradients), so they agree to rounding.
     in_backward: the blocks' GEMMs add into the fp32 sums themselves, without rounding each micro-batch's
     weight gradient to bf16 first as autocast does; the step's gradients then agree to that rounding.
     in_backward_grouped: the projections run a kernel without the accumulation (grouped matmul, as small GEMMs
-    on CUDA do), so their gradients are stashed into the same sums: exactly the stash path."""
+    on CUDA do), so their gradients are stashed into the same sums: exactly the stash path.
+    in_backward_dense: the dense baseline (one tower), whose projections accumulate in the same op."""
     if accumulation == "in_backward_grouped":
         monkeypatch.setattr(routing, "GROUPED_MM", "always")
-    in_backward = accumulation == "in_backward"
-    cfg = tiny_config()
+    in_backward = accumulation in ("in_backward", "in_backward_dense")
+    cfg = dense_baseline(tiny_config()) if accumulation == "in_backward_dense" else tiny_config()
     torch.manual_seed(0)
     reference = MoTTransformer(cfg)
     ours = copy.deepcopy(reference)

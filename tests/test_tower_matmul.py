@@ -8,7 +8,7 @@ import torch
 from mot.model import MoTTransformer, routing
 from mot.model.block import AttentionInputs
 from mot.model.rope import RotaryEmbedding
-from mot.model.tower_matmul import tower_mm
+from mot.model.tower_matmul import tower_mm, tower_mm_backward_into, tower_mm_into
 from tests.conftest import tiny_config
 
 
@@ -36,12 +36,18 @@ def test_tower_mm_forward_and_gradients_equal_a_per_row_loop_float64(counts, gen
             assert torch.count_nonzero(grad_w[tower]) == 0
 
 
-def test_tower_mm_passes_opcheck(generator):
-    """Schema, fake (meta) implementation and autograd registration as torch.compile relies on them."""
-    x = torch.randn(9, 8, generator=generator, requires_grad=True)
-    weight = torch.randn(3, 5, 8, generator=generator, requires_grad=True)
+def test_tower_mm_ops_pass_opcheck(generator):
+    """Schema, mutation and fake (meta) implementation as torch.compile relies on them, for both ops and both
+    ways the backward treats the weight gradient (written, or added into an fp32 sum)."""
+    x = torch.randn(9, 8, generator=generator)
+    weight = torch.randn(3, 5, 8, generator=generator)
+    grad = torch.randn(9, 5, generator=generator)
     for counts in ([2, 4, 3], [9, 0, 0]):
-        torch.library.opcheck(tower_mm, (x, weight, torch.tensor(counts)))
+        counts = torch.tensor(counts)
+        torch.library.opcheck(tower_mm_into, (x, weight, counts, torch.empty(9, 5)))
+        for grad_weight, accumulate in ((torch.empty(3, 5, 8), False), (torch.zeros(3, 5, 8), True)):
+            torch.library.opcheck(tower_mm_backward_into,
+                                  (grad, x, weight, counts, torch.empty(9, 8), grad_weight, accumulate))
 
 
 def test_tower_mm_rejects_counts_that_do_not_partition_the_rows():
@@ -50,7 +56,7 @@ def test_tower_mm_rejects_counts_that_do_not_partition_the_rows():
 
 
 def test_compiled_block_takes_new_modality_mixes_without_recompiling(generator, monkeypatch):
-    """The slice sizes reach the op as a CPU tensor: new counts are data, not a new graph."""
+    """The slice sizes reach the ops as a CPU tensor: new counts are data, not a new graph."""
     monkeypatch.setattr(routing, "GROUPED_MM", "auto")
     cfg = tiny_config(dim=32, n_heads=4)
     block = MoTTransformer(cfg).blocks[0]  # initialised weights
@@ -94,12 +100,6 @@ def test_backward_accumulates_weight_gradients_into_fp32_sums(generator):
     assert weight.grad is None
     torch.testing.assert_close(grad_sum.double(), expected, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(grad_sum[1]) == 0
-
-
-def test_tower_mm_with_a_gradient_sum_passes_opcheck(generator):
-    x = torch.randn(9, 8, generator=generator, requires_grad=True)
-    weight = torch.randn(3, 5, 8, generator=generator, requires_grad=True)
-    torch.library.opcheck(tower_mm, (x, weight, torch.tensor([2, 4, 3]), torch.zeros(3, 5, 8)))
 
 
 def test_route_takes_host_counts_from_the_caller_and_checks_them():

@@ -162,10 +162,10 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _per_tower(x: torch.Tensor, weight: torch.Tensor, route: Route) -> bool:
+def _per_tower(x: torch.Tensor, weight: torch.Tensor, host_counts: torch.Tensor | None) -> bool:
     """One GEMM per tower: where the counts are on the host, and on CUDA only for GEMMs large enough that the
     per-tower calls' host time hides behind the GPU work (a small model is host-bound; bench/NOTES.md)."""
-    if route.host_counts is None or GROUPED_MM == "always":
+    if host_counts is None or GROUPED_MM == "always":
         return False
     return not x.is_cuda or x.shape[0] * weight.shape[1] * weight.shape[2] >= PER_TOWER_MIN_MACS
 
@@ -175,15 +175,21 @@ def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: Route, grad_sum: 
     """y[j] = x[j] @ weight[tower(j)].T for sorted rows x (N, in) and weight (M, out, in).
 
     grad_sum: an fp32 (M, out, in) tensor the backward adds the weight gradient into, instead of `.grad`
-    (tower_matmul.py; M > 1), where the per-tower GEMMs run; elsewhere the gradient goes to `.grad` as usual."""
-    if weight.shape[0] == 1:
-        return F.linear(x, weight[0])
+    (tower_matmul.py), where the per-tower GEMMs run; elsewhere the gradient goes to `.grad` as usual."""
+    grad_sum = grad_sum if torch.is_grad_enabled() else None
+    one_tower = weight.shape[0] == 1
+    if one_tower and grad_sum is None:
+        return F.linear(x, weight[0])  # the dense model: an ordinary linear layer
     if torch.is_autocast_enabled(x.device.type):
         # The custom and grouped matmuls are not on autocast's lists: cast the way F.linear would be cast.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    if _per_tower(x, weight, route):
-        return tower_mm(x, weight, route.host_counts, grad_sum if torch.is_grad_enabled() else None)
+    # One tower accumulating its gradient: the same op, all rows in one slice.
+    host_counts = torch.tensor([x.shape[0]]) if one_tower else route.host_counts
+    if _per_tower(x, weight, host_counts):
+        return tower_mm(x, weight, host_counts, grad_sum)
+    if one_tower:
+        return F.linear(x, weight[0])
     if _grouped_mm_supported(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=route.offsets)
     parts = x.split(route.counts_list())
@@ -193,8 +199,8 @@ def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: Route, grad_sum: 
 class TowerLinear(nn.Module):
     """A bias-free linear layer with one weight per tower (one tower = an ordinary linear layer).
 
-    `grad_sum` (not state; set by mot.train.master_weights when micro-batches are accumulated, towers > 1): an
-    fp32 tensor of the weight's shape that the backward adds the weight gradient into, leaving `weight.grad` None.
+    `grad_sum` (not state; set by mot.train.master_weights when micro-batches are accumulated): an fp32 tensor
+    of the weight's shape that the backward adds the weight gradient into, leaving `weight.grad` None.
     """
 
     def __init__(self, n_towers: int, in_features: int, out_features: int):

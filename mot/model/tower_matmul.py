@@ -2,9 +2,13 @@
 
 Sorted rows make every tower one contiguous slice, so a projection is M plain GEMMs. With the slice sizes on the
 host they are cuBLAS calls (on an H100 within 0-4% of one dense GEMM over all rows, where `torch._grouped_mm` is
-4-13% slower: bench/tower_gemm.py). The op is opaque to torch.compile and takes the sizes as a CPU tensor, so a
-new mix of modalities is neither a new graph nor a host sync inside the compiled blocks. Its backward writes the
-input gradient into slices too and each tower's weight gradient into its row of one (M, out, in) tensor.
+4-13% slower: bench/tower_gemm.py). The ops are opaque to torch.compile and take the sizes as a CPU tensor, so a
+new mix of modalities is neither a new graph nor a host sync inside the compiled blocks.
+
+The ops write into buffers their caller allocates (`mutates_args`) instead of returning new tensors: inductor
+treats the output of an opaque op with a CPU tensor among its inputs as possibly misaligned, and compiles the
+kernels that read it without vectorised loads (the SwiGLU backward ran ~30% slower on an H100); a buffer
+inductor allocates itself is known to be aligned.
 
 Gradient accumulation (master weights, several micro-batches per step): with `grad_sum`, an fp32 (M, out, in)
 tensor, the backward adds each tower's weight gradient into it inside the GEMM (cuBLAS reads and writes the fp32
@@ -32,41 +36,12 @@ def _slices(counts: Tensor, rows: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.library.custom_op("mot::tower_mm", mutates_args=())
-def tower_mm(x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor | None = None) -> Tensor:
-    """y[rows of tower t] = x[rows of tower t] @ weight[t].T for sorted rows x (N, in), weight (M, out, in) and
-    counts (M,): rows per tower, int64 on the CPU. grad_sum: where the backward accumulates the weight gradient
-    (see the module docstring); the forward only keeps it for the backward."""
-    x = x.contiguous()
-    out = x.new_empty(x.shape[0], weight.shape[1])
+@torch.library.custom_op("mot::tower_mm_into", mutates_args=("out",))
+def tower_mm_into(x: Tensor, weight: Tensor, counts: Tensor, out: Tensor) -> None:
+    """out[rows of tower t] = x[rows of tower t] @ weight[t].T for sorted, contiguous rows x (N, in), weight
+    (M, out, in) and counts (M,): rows per tower, int64 on the CPU."""
     for tower, start, end in _slices(counts, x.shape[0]):
         torch.mm(x[start:end], weight[tower].t(), out=out[start:end])
-    return out
-
-
-@tower_mm.register_fake
-def _(x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor | None = None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[1])
-
-
-@torch.library.custom_op("mot::tower_mm_backward", mutates_args=())
-def tower_mm_backward(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """(grad of x, grad of weight). A tower without rows gets a zero weight gradient."""
-    grad, x = grad.contiguous(), x.contiguous()
-    grad_x = torch.empty_like(x)
-    grad_weight = weight.new_empty(weight.shape)
-    for tower, rows in enumerate(counts.tolist()):
-        if rows == 0:  # no GEMM writes this tower's gradient
-            grad_weight[tower].zero_()
-    for tower, start, end in _slices(counts, x.shape[0]):
-        torch.mm(grad[start:end], weight[tower], out=grad_x[start:end])
-        torch.mm(grad[start:end].t(), x[start:end], out=grad_weight[tower])
-    return grad_x, grad_weight
-
-
-@tower_mm_backward.register_fake
-def _(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape)
 
 
 def _accumulate_product(total: Tensor, a: Tensor, b: Tensor) -> None:
@@ -79,44 +54,56 @@ def _accumulate_product(total: Tensor, a: Tensor, b: Tensor) -> None:
         total.addmm_(a.to(total.dtype), b.to(total.dtype))
 
 
-@torch.library.custom_op("mot::tower_mm_backward_accumulate", mutates_args=("grad_sum",))
-def tower_mm_backward_accumulate(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor
-                                 ) -> Tensor:
-    """Grad of x; grad_sum[t] += the weight gradient of tower t."""
-    grad, x = grad.contiguous(), x.contiguous()
-    grad_x = torch.empty_like(x)
+@torch.library.custom_op("mot::tower_mm_backward_into", mutates_args=("grad_x", "grad_weight"))
+def tower_mm_backward_into(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor, grad_x: Tensor,
+                           grad_weight: Tensor, accumulate: bool) -> None:
+    """grad_x = the input gradient; grad_weight[t] = (accumulate: +=) the weight gradient of tower t, in
+    grad_weight's dtype. Written, a tower without rows gets exactly zero."""
     for tower, start, end in _slices(counts, x.shape[0]):
         torch.mm(grad[start:end], weight[tower], out=grad_x[start:end])
-        _accumulate_product(grad_sum[tower], grad[start:end].t(), x[start:end])
-    return grad_x
+        if accumulate:
+            _accumulate_product(grad_weight[tower], grad[start:end].t(), x[start:end])
+        else:
+            torch.mm(grad[start:end].t(), x[start:end], out=grad_weight[tower])
+    if not accumulate:
+        for tower, rows in enumerate(counts.tolist()):
+            if rows == 0:  # no GEMM wrote this tower's gradient
+                grad_weight[tower].zero_()
 
 
-@tower_mm_backward_accumulate.register_fake
-def _(grad: Tensor, x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+class _TowerMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor | None) -> Tensor:
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        tower_mm_into(x, weight, counts, out)
+        ctx.save_for_backward(x, weight, counts, grad_sum)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, counts, grad_sum = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        if grad_sum is not None:
+            tower_mm_backward_into(grad.contiguous(), x, weight, counts, grad_x, grad_sum, True)
+            return grad_x, None, None, None
+        grad_weight = torch.empty_like(weight)
+        tower_mm_backward_into(grad.contiguous(), x, weight, counts, grad_x, grad_weight, False)
+        return grad_x, grad_weight, None, None
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, counts, grad_sum = inputs
-    ctx.save_for_backward(x, weight, counts, grad_sum)
+def tower_mm(x: Tensor, weight: Tensor, counts: Tensor, grad_sum: Tensor | None = None) -> Tensor:
+    """y[rows of tower t] = x[rows of tower t] @ weight[t].T for sorted rows x (N, in), weight (M, out, in) and
+    counts (M,): rows per tower, int64 on the CPU. grad_sum: where the backward accumulates the weight gradient
+    (see the module docstring); the weight then gets no `.grad`."""
+    return _TowerMatmul.apply(x, weight, counts, grad_sum)
 
 
-def _backward(ctx, grad: Tensor):
-    x, weight, counts, grad_sum = ctx.saved_tensors
-    if grad_sum is not None:
-        return tower_mm_backward_accumulate(grad, x, weight, counts, grad_sum), None, None, None
-    grad_x, grad_weight = tower_mm_backward(grad, x, weight, counts)
-    return grad_x, grad_weight, None, None
-
-
-tower_mm.register_autograd(_backward, setup_context=_setup_context)
-
-
-@register_flop_formula(torch.ops.mot.tower_mm)
+@register_flop_formula(torch.ops.mot.tower_mm_into)
 def _tower_mm_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * weight_shape[1] * weight_shape[2]  # every row through one tower's (out, in) matrix
 
 
-@register_flop_formula([torch.ops.mot.tower_mm_backward, torch.ops.mot.tower_mm_backward_accumulate])
+@register_flop_formula(torch.ops.mot.tower_mm_backward_into)
 def _tower_mm_backward_flops(grad_shape, x_shape, weight_shape, *args, **kwargs) -> int:
     return 4 * x_shape[0] * weight_shape[1] * weight_shape[2]  # input gradient and weight gradient

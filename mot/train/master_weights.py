@@ -9,7 +9,7 @@ backward cast nothing, and the optimizer keeps their fp32 masters:
 - one micro-batch per step: AdamW reads the bf16 gradients as they are;
 - several: `stash_gradients()` after each but the last adds them into fp32 sums (one pass), so gradients are
   still accumulated in fp32; with `accumulate_in_backward(model)` the weights of `TowerLinear` (the blocks'
-  projections, where untied) skip that pass: their backward GEMMs add into the fp32 sums directly
+  projections) skip that pass: their backward GEMMs add into the fp32 sums directly
   (mot.model.tower_matmul);
 - the update (`adamw_update`) reads gradient, master and moments once and writes master, moments and the
   bf16 copy in one fused kernel (torch.compile on CUDA; the same function runs eagerly elsewhere).
@@ -127,17 +127,16 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.grad_scale: torch.Tensor | None = None
 
     def accumulate_in_backward(self, model: nn.Module) -> None:
-        """Let every untied `TowerLinear` (more than one tower) whose weight has a master add its weight gradient
-        into an fp32 sum in its backward GEMMs (its `.grad` stays None). For several micro-batches per step; the
-        model's forward must then route with host counts (training does). Every such weight counts as having a
+        """Let every `TowerLinear` whose weight has a master add its weight gradient into an fp32 sum in its
+        backward GEMMs (its `.grad` stays None). For several micro-batches per step; the model's forward must
+        then route with host counts (training does; one tower needs none). Every such weight counts as having a
         gradient each step. Where a projection runs another kernel (mot.model.routing: no host counts, or too
-        small on CUDA) its gradient lands in `.grad` and is stashed into the same sum. Shared (one-tower) weights
-        keep F.linear and the stash: on an H100 the dense model measured slower through the per-tower op
-        (bench/NOTES.md)."""
+        small on CUDA) its gradient lands in `.grad` and is stashed into the same sum."""
         for module in model.modules():
-            if isinstance(module, TowerLinear) and module.weight.shape[0] > 1 and module.weight in self.masters:
+            if isinstance(module, TowerLinear) and module.weight in self.masters:
                 total = torch.zeros_like(self.masters[module.weight])
                 module.grad_sum = self.backward_sums[module.weight] = self.grad_sums[module.weight] = total
+
     # ------------------------------------------------------------ gradients
 
     def stash_gradients(self) -> None:
