@@ -83,12 +83,12 @@ class _TowerMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, counts, grad_sum = ctx.saved_tensors
-        grad_x = torch.empty_like(x)
+        grad, grad_x = grad.contiguous(), torch.empty_like(x)
         if grad_sum is not None:
-            tower_mm_backward_into(grad.contiguous(), x, weight, counts, grad_x, grad_sum, True)
+            tower_mm_backward_into(grad, x, weight, counts, grad_x, grad_sum, True)
             return grad_x, None, None, None
         grad_weight = torch.empty_like(weight)
-        tower_mm_backward_into(grad.contiguous(), x, weight, counts, grad_x, grad_weight, False)
+        tower_mm_backward_into(grad, x, weight, counts, grad_x, grad_weight, False)
         return grad_x, grad_weight, None, None
 
 
