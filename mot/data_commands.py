@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, PRECISIONS
 from mot.tokenize.base import TokenizerError
 
 MODALITIES = ("text", "image", "speech")
@@ -133,9 +135,19 @@ def cmd_tokenizer_decode(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def default_workers(device: str) -> int:
+    """The cores this process may use, shared with the other processes of a torchrun on this machine; with a
+    GPU one core is left for the process that feeds it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return max(1, cores - 1 if gpu else cores)
+
+
 def prepare_for_recipe(cfg, recipe: str | Path, data: str | Path, tokenizers: str | Path, out: str | Path,
-                       workers: int = 1, shard_size: int = 1000, max_doc_tokens: int = 0):
-    """Tokenize `data` into shards for the recipe's vocabulary with the tokenizers in `tokenizers`/<modality>."""
+                       workers: int | None = 1, shard_size: int = 1000, max_doc_tokens: int = 0, **options):
+    """Tokenize `data` into shards for the recipe's vocabulary with the tokenizers in `tokenizers`/<modality>;
+    options go to `prepare` (device, image_precision, compile, encode_batch_size)."""
     from functools import partial
 
     from mot.config import ConfigError
@@ -155,8 +167,10 @@ def prepare_for_recipe(cfg, recipe: str | Path, data: str | Path, tokenizers: st
                               f"but the tokenizer in {folder} emits {tok.vocab_size} ids")
         loaders[mod.name] = partial(load_tokenizer, mod.name, str(folder))
         paths[mod.name] = str(folder)
+    if workers is None:
+        workers = default_workers(options.get("device", "auto"))
     return prepare(data, loaders, vocab, out, num_workers=workers, shard_size=shard_size,
-                   max_doc_tokens=max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths)
+                   max_doc_tokens=max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths, **options)
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -164,8 +178,11 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.recipe, overrides)
     stats = prepare_for_recipe(cfg, args.recipe, args.data, args.tokenizers, args.out, workers=args.workers,
-                               shard_size=args.shard_size, max_doc_tokens=args.max_doc_tokens)
-    print(json.dumps(stats.as_dict(), indent=1, default=str))
+                               shard_size=args.shard_size, max_doc_tokens=args.max_doc_tokens, device=args.device,
+                               image_precision=args.image_precision, compile=args.compile,
+                               encode_batch_size=args.encode_batch_size)
+    if stats.processes == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(stats.as_dict(), indent=1, default=str))
     return 0
 
 
@@ -198,12 +215,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="", help="output file (.png for images, .wav for speech)")
     p.set_defaults(func=cmd_tokenizer_decode)
 
-    p = sub.add_parser("prepare", help="tokenize a documents source into packed-loader shards")
+    p = sub.add_parser(
+        "prepare", help="tokenize a documents source into packed-loader shards",
+        description="Tokenize documents (JSONL, webdataset-style tars, parquet, HF datasets) into shards. With a "
+                    "GPU, workers decode and the GPU encodes images and speech; for several GPUs run it under "
+                    "`torchrun --nproc-per-node N -m mot.cli prepare ...`: one process per GPU, one manifest.")
     p.add_argument("--recipe", required=True, help="recipe whose model.modalities lay out the unified vocabulary")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a JSONL file or folder, .tar shards, parquet, or an HF dataset")
     p.add_argument("--tokenizers", required=True, help="folder with one tokenizer folder per modality name")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: this process's share of the cores, one left for a GPU; "
+                        "0: decode in this process)")
+    p.add_argument("--device", default="auto", help="where images and speech are encoded: auto, cpu, cuda, cuda:N")
+    p.add_argument("--image-precision", default=DEFAULT_IMAGE_PRECISION, choices=PRECISIONS,
+                   help="the VQGAN encoder's arithmetic on CUDA (see README for how often codes equal the CPU's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the VQGAN encoder (CUDA)")
+    p.add_argument("--encode-batch-size", type=int, default=None,
+                   help="images per encoder call on CUDA (default: 64 of 512 px, more of smaller ones)")
     p.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
     p.add_argument("--max-doc-tokens", type=int, default=0, help="skip longer documents (default model.max_seq_len)")
     p.set_defaults(func=cmd_prepare)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
 
@@ -54,3 +57,16 @@ class FakeSpeech:
 
     def save(self, folder) -> None:
         pass
+
+
+class KillingText(FakeText):
+    """FakeText that SIGKILLs its own process when it meets `poison` in a text, unless the file `marker` exists:
+    a prepare process dying mid-run, as under the OOM killer. Picklable (plain attributes)."""
+
+    def __init__(self, marker: str, poison: str = "POISON"):
+        self.marker, self.poison = str(marker), poison
+
+    def encode(self, text: str) -> torch.Tensor:
+        if self.poison in text and not os.path.exists(self.marker):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode(text)

@@ -147,3 +147,20 @@ def test_bad_documents_are_skipped_and_counted_by_reason(corpus, vocab, tmp_path
         "doc-000004": "too_long", "doc-000005": "missing_file"}
     assert list(read_shards(tmp_path / "out")) == ["doc-000000", "doc-000006"]  # nothing else lost
     assert "skipped 5 documents" in capsys.readouterr().out
+
+
+def test_a_worker_that_dies_stops_prepare_with_an_error_and_keeps_the_finished_shards(tmp_path):
+    # multiprocessing.Pool would replace the dead worker and wait forever for its chunk.
+    from tests.fakes import KillingText
+
+    docs = [Document(f"d{i}", [TextSegment("POISON" if i == 7 else f"text {i}")]) for i in range(10)]
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="worker process died"):
+        prepare(docs, {"text": KillingText(str(tmp_path / "marker"))}, UnifiedVocab(tiny_config()), out,
+                num_workers=2, shard_size=5, show_progress=False)
+    assert not (out / "manifest.json").exists()
+    (tmp_path / "marker").touch()
+    stats = prepare(docs, {"text": KillingText(str(tmp_path / "marker"))}, UnifiedVocab(tiny_config()), out,
+                    num_workers=2, shard_size=5, show_progress=False)
+    assert (stats.documents, stats.reused_shards + stats.written_shards) == (10, 2)
+    assert stats.written_shards >= 1  # the poisoned chunk was never written

@@ -133,3 +133,16 @@ def test_demo_config_loads_and_checks_keys(tmp_path):
     (tmp_path / "small.toml").write_text("vocab_size = 100\n")
     with pytest.raises(ConfigError, match="vocab_size"):
         load_text_config(tmp_path / "small.toml")
+
+
+def test_encode_batch_equals_encode_even_for_a_file_that_pads_batches(tok, tmp_path):
+    texts = CORPUS[:3] + HARD_TEXTS
+    assert [t.tolist() for t in tok.encode_batch(texts)] == [tok.encode(t).tolist() for t in texts]
+    tok.save(tmp_path / "t")
+    raw = Tokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
+    raw.enable_padding(pad_id=0, pad_token="<pad>")  # as a downloaded tokenizer.json may have it
+    raw.save(str(tmp_path / "padded.json"))
+    padded = TextTokenizer.load(tmp_path / "padded.json")
+    assert padded._tok.padding is not None
+    # prepare batch-encodes a chunk's texts: each must get the ids it gets alone, whatever it is batched with
+    assert [t.tolist() for t in padded.encode_batch(texts)] == [tok.encode(t).tolist() for t in texts]

@@ -9,16 +9,20 @@ A `Document` is an id and a list of segments. Sources (see `open_documents`):
                                         {"type": "audio", "path": "audio/000001.wav"}]}
 
   with paths relative to the JSONL file's folder.
+- webdataset-style tar shards (`.tar`, `.tar.gz`, a list of them or a folder of them): image / audio +
+  caption samples, read by `mot.data.tar_source.TarDocuments` as captioned pairs (below).
 - Any local Hugging Face `datasets` source (a folder, a parquet / jsonl / csv / arrow file, a saved dataset,
   or a `Dataset` object) whose rows have a `segments` column in the same format, or are captioned pairs:
   image + caption, audio + transcript (column names configurable). Each pair gives one document per order,
   `[image, caption]` and `[caption, image]`, with ids `<row id>#image-text` and `<row id>#text-image`
   (audio: `#audio-text`, `#text-audio`); the part before `#` groups them, so a train/eval split keeps
-  both orders of one pair on the same side.
+  both orders of one pair on the same side. Parquet (a `.parquet` file or a folder of them) is streamed by
+  default: rows are read batch by batch from the files, with no Arrow copy written to the cache.
 
 Readers only check that named files exist: a missing one gives a warning naming the row, and the document
-is skipped and counted (`source.skipped`). Images and audio are decoded later by `load_image` / `load_audio`
-(in prepare's workers), where a corrupt file raises `BadInput` and is skipped and counted there.
+is skipped and counted (`source.skipped`). Images and audio (files, bytes, or tar members as `FileRange`s)
+are decoded later by `load_image` / `load_audio` (in prepare's workers), where a corrupt one raises
+`BadInput` and is skipped and counted there.
 """
 
 from __future__ import annotations
@@ -52,14 +56,15 @@ class TextSegment:
 @dataclass
 class ImageSegment:
     path: Path | None = None
-    data: Any = None  # encoded file bytes, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in [0, 1]
+    # encoded file bytes, a FileRange, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in [0, 1]
+    data: Any = None
     type: ClassVar[str] = "image"
 
 
 @dataclass
 class AudioSegment:
     path: Path | None = None
-    data: Any = None  # encoded file bytes, or a waveform array (T,) or (T, channels)
+    data: Any = None  # encoded file bytes, a FileRange, or a waveform array (T,) or (T, channels)
     sample_rate: int | None = None  # required with a waveform array
     type: ClassVar[str] = "audio"
 
@@ -204,8 +209,15 @@ class JsonlDocuments(DocumentSource):
 # ---------------------------------------------------------------- Hugging Face datasets
 
 
-def _load_hf(source: Any, split: str, data_files: Any, cache_dir: str | None) -> tuple[Any, Path | None]:
-    """(dataset, folder for relative paths) from a Dataset object or a local path; never downloads."""
+def _holds_parquet(path: Path) -> bool:
+    return path.suffix == ".parquet" if path.is_file() else next(path.rglob("*.parquet"), None) is not None
+
+
+def _load_hf(
+    source: Any, split: str, data_files: Any, cache_dir: str | None, streaming: bool | None
+) -> tuple[Any, Path | None]:
+    """(dataset, folder for relative paths) from a Dataset object or a local path; never downloads.
+    streaming None: streamed for parquet (a file, or a folder holding them), else memory-mapped Arrow."""
     import datasets
 
     if isinstance(source, datasets.Dataset | datasets.IterableDataset):
@@ -221,17 +233,25 @@ def _load_hf(source: Any, split: str, data_files: Any, cache_dir: str | None) ->
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(path))
         return (ds[split] if isinstance(ds, datasets.DatasetDict) else ds), path
+    stream = _holds_parquet(path) if streaming is None else streaming
     if path.is_dir():
-        return datasets.load_dataset(str(path), data_files=data_files, split=split, cache_dir=cache_dir), path
+        ds = datasets.load_dataset(str(path), data_files=data_files, split=split, cache_dir=cache_dir,
+                                   streaming=stream)
+        return ds, path
     builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
     if path.suffix not in builders:
         raise DocumentSourceError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(builders)}")
-    ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir)
+    ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir,
+                               streaming=stream)
     return ds, path.parent
 
 
 class HFDocuments(DocumentSource):
-    """Documents from a local Hugging Face `datasets` source: a `segments` column, or captioned pairs."""
+    """Documents from a local Hugging Face `datasets` source: a `segments` column, or captioned pairs.
+
+    streaming: read the files as a `datasets.IterableDataset` (nothing converted or cached; size_hint None);
+    None = streamed for parquet (a file or a folder holding them), memory-mapped Arrow otherwise. Image bytes
+    may be an Image-feature struct ({"bytes", "path"}) or a plain binary column."""
 
     ORDERS = ("media-text", "text-media")
 
@@ -249,6 +269,7 @@ class HFDocuments(DocumentSource):
         id_column: str = "id",
         pair_orders: tuple[str, ...] = ORDERS,
         cache_dir: str | None = None,
+        streaming: bool | None = None,
     ):
         super().__init__()
         import datasets
@@ -256,9 +277,9 @@ class HFDocuments(DocumentSource):
         bad = [o for o in pair_orders if o not in self.ORDERS]
         if bad or not pair_orders:
             raise DocumentSourceError(f"pair_orders {pair_orders!r}: choose from {list(self.ORDERS)}")
-        ds, self.root = _load_hf(source, split, data_files, cache_dir)
+        ds, self.root = _load_hf(source, split, data_files, cache_dir, streaming)
         self.description = str(source) if not isinstance(source, datasets.Dataset) else "datasets.Dataset"
-        columns = list(ds.column_names or ds.features or [])
+        columns = list(ds.column_names or ds.features or next(iter(ds), {}))
         self.segments_column = segments_column if segments_column in columns else None
         self.pairs = [
             (kind, media, text)
@@ -338,25 +359,35 @@ class HFDocuments(DocumentSource):
 # ---------------------------------------------------------------- dispatch
 
 
-def open_documents(source: Any, **hf_options: Any) -> DocumentSource:
+def open_documents(source: Any, **options: Any) -> DocumentSource:
     """A DocumentSource for `source`:
 
     - a DocumentSource: itself; a list of Documents: wrapped;
     - a `.jsonl` file, or a folder holding `.jsonl` files, whose rows have `segments`: the native JSONL reader
       (a folder's files in name order);
+    - a `.tar` / `.tar.gz` / `.tgz` file, a list of them, or a folder holding them (and no such JSONL):
+      `TarDocuments(source, **options)` (webdataset-style shards);
     - anything else local (a folder, a parquet / jsonl / csv / arrow file, a saved dataset, a `datasets.Dataset`):
-      `HFDocuments(source, **hf_options)`.
+      `HFDocuments(source, **options)`.
     """
+    from mot.data.tar_source import TarDocuments, is_tar
+
     if isinstance(source, DocumentSource):
         return source
     if isinstance(source, list | tuple) and all(isinstance(d, Document) for d in source):
         return DocumentList(list(source))
+    if isinstance(source, list | tuple) and source and all(isinstance(p, str | Path) and is_tar(p) for p in source):
+        return TarDocuments(list(source), **options)
     if isinstance(source, str | Path):
         path = Path(source)
         if path.is_file() and path.suffix == ".jsonl" and "segments" in (_first_row(path) or {}):
             return JsonlDocuments(path)
+        if path.is_file() and is_tar(path):
+            return TarDocuments(path, **options)
         if path.is_dir():
             files = sorted(path.glob("*.jsonl"))
             if files and all("segments" in (_first_row(f) or {}) for f in files):
                 return JsonlDocuments(files)
-    return HFDocuments(source, **hf_options)
+            if any(is_tar(f) for f in path.iterdir() if f.is_file()):
+                return TarDocuments(path, **options)
+    return HFDocuments(source, **options)

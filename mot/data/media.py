@@ -1,14 +1,22 @@
 """Decoding a document's images and audio into what the tokenizers take.
 
-Images: RGB, resized so the shorter side matches the resolution and centre-cropped (taming-transformers'
-preprocessing), as a (3, H, W) float tensor in [0, 1]. Audio: mono (channels averaged), resampled with
-`torchaudio.functional.resample` when the rate differs, as a (T,) float tensor. A file that cannot be
-decoded raises `BadInput`, which prepare counts by its reason instead of failing.
+Images: decoded to RGB, with any transparency (RGBA, LA, a palette or colour key with transparency)
+composited onto white first, as Chameleon's preprocessing does; then brought to the resolution by a named
+policy (`IMAGE_POLICIES`): "center_crop" resizes (BICUBIC) so the shorter side matches and crops the centre
+(taming-transformers' preprocessing, the default); "pad" resizes so the longer side matches and pastes the
+whole image centred on white. `decode_image` gives (3, H, W) uint8, `load_image` the same as float32 in
+[0, 1]. Audio: mono (channels averaged), resampled with `torchaudio.functional.resample` when the rate
+differs, as a (T,) float tensor.
+
+A segment's `data` may be a `FileRange` (a byte range of a file, e.g. a member of an uncompressed tar): its
+bytes are read here, so a reader hands prepare's workers only the range and the workers read and decode it.
+A file that cannot be read or decoded raises `BadInput`, which prepare counts by its reason instead of failing.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,9 @@ CORRUPT_IMAGE = "corrupt_image"
 CORRUPT_AUDIO = "corrupt_audio"
 MISSING_FILE = "missing_file"
 
+IMAGE_POLICIES = ("center_crop", "pad")
+WHITE = (255, 255, 255)
+
 
 class BadInput(Exception):
     """An item that cannot be used; `reason` is the key it is counted under."""
@@ -28,7 +39,28 @@ class BadInput(Exception):
         self.reason, self.detail = reason, detail
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """`size` bytes from `offset` of the file at `path`: a reference that pickles small, read when decoded."""
+
+    path: Path
+    offset: int
+    size: int
+
+    def read_bytes(self) -> bytes:
+        """The range's bytes; OSError when the file is missing or shorter than the range."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.path}: read {len(data)} of {self.size} bytes at offset {self.offset}")
+        return data
+
+
 def _where(segment: Any) -> str:
+    data = getattr(segment, "data", None)
+    if isinstance(data, FileRange):
+        return f"{data.path} (offset {data.offset}, {data.size} bytes)"
     return str(segment.path) if getattr(segment, "path", None) is not None else "inline data"
 
 
@@ -43,6 +75,8 @@ def _open_pil(segment: Any):
     data = segment.data
     if data is None:
         return Image.open(Path(segment.path))
+    if isinstance(data, FileRange):
+        data = data.read_bytes()
     if isinstance(data, bytes | bytearray):
         return Image.open(io.BytesIO(data))
     if isinstance(data, Image.Image):
@@ -55,10 +89,29 @@ def _open_pil(segment: Any):
     return Image.fromarray(arr)
 
 
-def _resize(image, resolution: int | tuple[int, int]):
+def _to_rgb(image):
+    """RGB; transparent pixels composited onto white (Chameleon's `_whiten_transparency` arithmetic).
+    An image without transparency, or whose alpha is 255 everywhere, is `image.convert("RGB")` unchanged."""
     from PIL import Image
 
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not in the tokenizer
+    rgba = np.asarray(image.convert("RGBA"))
+    if not (rgba[:, :, 3] < 255).any():
+        return image.convert("RGB")
+    alpha = rgba[:, :, 3:] / 255.0
+    return Image.fromarray(((1 - alpha) * 255 + alpha * rgba[:, :, :3]).astype(np.uint8), "RGB")
+
+
+def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from a side or a pair."""
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def _center_crop(image, resolution: int | tuple[int, int]):
+    from PIL import Image
+
+    height, width = _size(resolution)
     if image.size == (width, height):
         return image
     scale = max(height / image.height, width / image.width)
@@ -68,18 +121,44 @@ def _resize(image, resolution: int | tuple[int, int]):
     return image.crop((left, top, left + width, top + height))
 
 
-def load_image(segment: Any, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """An ImageSegment -> (3, H, W) float32 in [0, 1]; resolution: side (square) or (height, width), None = as is."""
+def _pad(image, resolution: int | tuple[int, int]):
+    from PIL import Image
+
+    height, width = _size(resolution)
+    if image.size == (width, height):
+        return image
+    scale = min(height / image.height, width / image.width)
+    size = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    canvas = Image.new("RGB", (width, height), WHITE)
+    canvas.paste(image.resize(size, Image.Resampling.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
+    return canvas
+
+
+_RESIZE = {"center_crop": _center_crop, "pad": _pad}
+
+
+def decode_image(
+    segment: Any, resolution: int | tuple[int, int] | None = None, policy: str = "center_crop"
+) -> torch.Tensor:
+    """An ImageSegment -> (3, H, W) uint8 RGB; resolution: side (square) or (height, width), None = as is;
+    policy: one of IMAGE_POLICIES (see the module docstring)."""
+    if policy not in _RESIZE:
+        raise ValueError(f"image policy {policy!r}: choose from {list(IMAGE_POLICIES)}")
     _check_file(segment)
     try:
-        # convert() decodes every pixel: a truncated file fails here, not inside the tokenizer.
-        image = _open_pil(segment).convert("RGB")
+        image = _to_rgb(_open_pil(segment))
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise BadInput(CORRUPT_IMAGE, f"{_where(segment)}: cannot decode image: {err}") from err
     if resolution:
-        image = _resize(image, resolution)
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        image = _RESIZE[policy](image, resolution)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_image(
+    segment: Any, resolution: int | tuple[int, int] | None = None, policy: str = "center_crop"
+) -> torch.Tensor:
+    """An ImageSegment -> (3, H, W) float32 in [0, 1]: `decode_image(...)` / 255."""
+    return decode_image(segment, resolution, policy).float() / 255
 
 
 def load_audio(segment: Any, sample_rate: int | None = None) -> torch.Tensor:
@@ -87,6 +166,8 @@ def load_audio(segment: Any, sample_rate: int | None = None) -> torch.Tensor:
     data = segment.data
     _check_file(segment)
     try:
+        if isinstance(data, FileRange):
+            data = data.read_bytes()
         if data is not None and not isinstance(data, bytes | bytearray):
             if not segment.sample_rate:
                 raise BadInput(CORRUPT_AUDIO, f"{_where(segment)}: waveform given without a sample rate")

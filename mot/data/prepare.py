@@ -17,6 +17,11 @@ writes it, so the output does not depend on the number of workers:
     skipped.json              skipped documents counted by reason, each with its id and what was wrong
     prepare.json              the settings; resuming in this folder needs the same ones
 
+With a CUDA device (device="auto" finds one), worker processes decode and a GPU encodes images and speech in
+batches (pipeline.py). Under `torchrun` (or `accelerate launch`), process r of W takes chunks r, r + W, ...
+on its own GPU (cuda:LOCAL_RANK), and process 0 merges everyone's shards into one manifest: the output is the
+same for any number of processes or workers.
+
 Every file is written under a temporary name and renamed, so a killed run leaves only whole files, and a re-run
 (resume=True) skips the chunks whose shard is complete. A document that cannot be used (a missing, corrupt or
 unreadable image or audio file, no tokens, more than max_doc_tokens) is skipped and counted; nothing else is lost.
@@ -25,27 +30,23 @@ unreadable image or audio file, no tokens, more than max_doc_tokens) is skipped 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from mot.data.documents import Document, open_documents
-from mot.data.encode import (
-    DocumentEncoder,
-    image_grid,
-    materialize,
-    special_ids,
-    tokenizer_info,
-    vocab_layout,
-)
-from mot.data.shards import SCHEMA_VERSION, complete_shard, read_json, shard_name, write_chunk, write_json
+from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, batches_images, check_precision, resolve_device
+from mot.data.distributed import ProcessGroup
+from mot.data.documents import open_documents
+from mot.data.encode import DocumentDecoder, image_grid, materialize, special_ids, tokenizer_info, vocab_layout
+from mot.data.media import IMAGE_POLICIES
+from mot.data.pipeline import ChunkLoop, chunks
+from mot.data.shards import SCHEMA_VERSION, complete_shard, read_json, shard_name, write_json
 from mot.vocab import UnifiedVocab
 
 __all__ = ["PrepareError", "PrepareStats", "prepare"]
@@ -71,21 +72,12 @@ class PrepareStats:
     skipped: dict[str, int]
     seconds: float
     out_dir: str
+    device: str = "cpu"
+    processes: int = 1
+    profile: dict = field(default_factory=dict)  # process 0's Profile (pipeline.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _chunks(documents: Iterable[Document], size: int) -> Iterator[tuple[int, list[Document]]]:
-    chunk: list[Document] = []
-    index = 0
-    for doc in documents:
-        chunk.append(doc)
-        if len(chunk) == size:
-            yield index, chunk
-            chunk, index = [], index + 1
-    if chunk:
-        yield index, chunk
 
 
 def _shard_files(out: Path) -> list[Path]:
@@ -112,21 +104,6 @@ def _check_settings(out: Path, settings: dict, resume: bool) -> None:
     write_json(path, settings)
 
 
-# Pool workers: each loads the tokenizers once (pickled objects, or zero-argument loaders called here).
-_WORKER: dict[str, DocumentEncoder] = {}
-
-
-def _init_worker(tokenizers: dict, layout: dict, options: dict) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # the pool is the parallelism; threads per worker would oversubscribe
-    _WORKER["encoder"] = DocumentEncoder({n: materialize(t) for n, t in tokenizers.items()}, layout, **options)
-
-
-def _run_chunk(index: int, documents: list[Document], out_dir: str) -> dict:
-    return write_chunk(_WORKER["encoder"], index, documents, Path(out_dir))
-
-
 def prepare(
     documents_source: Any,
     tokenizers: dict[str, Any],
@@ -140,104 +117,143 @@ def prepare(
     *,
     image_resolution: int | tuple[int, int] | None = None,
     sample_rate: int | None = None,
+    image_policy: str | None = None,
+    device: str = "auto",
+    image_precision: str = DEFAULT_IMAGE_PRECISION,
+    compile: bool = False,
+    encode_batch_size: int | None = None,
+    distributed: bool = True,
     tokenizer_paths: dict[str, str] | None = None,
     source_options: dict | None = None,
     mp_context: str = "spawn",
 ) -> PrepareStats:
     """Tokenize every document of `documents_source` into shards in `out_dir`; see the module docstring.
 
-    documents_source: anything `open_documents` takes (a JSONL file or folder, a local HF datasets source, a
-        DocumentSource, a list of Documents); `source_options` go to `HFDocuments` (split, column names, ...).
+    documents_source: anything `open_documents` takes (a JSONL file or folder, webdataset-style tar shards, a
+        local HF datasets source or parquet files, a DocumentSource, a list of Documents); `source_options` go
+        to the reader (split, column names, ...).
     tokenizers: modality name in `vocab` -> a tokenizer (ModalityTokenizer), or a picklable zero-argument
         callable returning one (e.g. `functools.partial(load, path)`), loaded once per worker. Text segments go
         to the tokenizer whose `.modality` is "text", images to "image", audio to "speech".
     shard_size: documents per shard (before skipping). max_doc_tokens: longer documents are skipped (None: no
         limit); keep it at most the model's max_seq_len when the loader continues positions across sequences.
     image_resolution / sample_rate: what images and audio are brought to; default the tokenizers' `resolution`
-        (or `image_size`) and `sample_rate` attributes, else images and audio as they are.
-    num_workers: processes (0 or 1: in this process). mp_context: multiprocessing start method.
+        (or `image_size`) and `sample_rate` attributes, else images and audio as they are. image_policy: how
+        images of another shape get there (media.IMAGE_POLICIES); default the image tokenizer's `preprocess`.
+    device: where images and speech are encoded in batches: "cpu", "cuda", "cuda:N" or "auto" (under torchrun:
+        cuda:LOCAL_RANK). image_precision: the VQGAN encoder's arithmetic on CUDA (batch_encode.PRECISIONS);
+        compile: torch.compile the encoder; encode_batch_size: images per encoder call on CUDA (default: by
+        pixels, batch_encode.CUDA_BATCH_PIXELS).
+    num_workers: processes (0 or 1: in this process); with CUDA they decode while the GPU encodes.
+    distributed: under torchrun, share the work with the other processes (every one must call prepare);
+        False: this process prepares everything alone (the trainer's main process does, while others wait).
+    mp_context: multiprocessing start method.
     """
     start = time.perf_counter()
     if shard_size <= 0:
         raise PrepareError(f"shard_size must be positive, got {shard_size}")
     if max_doc_tokens is not None and max_doc_tokens < 3:
         raise PrepareError(f"max_doc_tokens must be at least 3 (<bod>, a token, <eod>), got {max_doc_tokens}")
+    if encode_batch_size is not None and encode_batch_size <= 0:
+        raise PrepareError(f"encode_batch_size must be positive, got {encode_batch_size}")
+    try:
+        check_precision(image_precision)
+    except ValueError as err:
+        raise PrepareError(str(err)) from None
+    group = ProcessGroup.from_environment() if distributed else ProcessGroup()
+    try:
+        device = resolve_device(group.device(device))
+    except (ValueError, RuntimeError) as err:
+        raise PrepareError(str(err)) from None
     source = open_documents(documents_source, **(source_options or {}))
     loaded = {name: materialize(t) for name, t in tokenizers.items()}
     layout = vocab_layout(vocab)
-    DocumentEncoder(loaded, layout)  # checks names, sizes and special tokens before any work
+    DocumentDecoder(loaded, layout)  # checks names, sizes and special tokens before any work
     by_modality = {tok.modality: tok for tok in loaded.values()}
 
-    def attr(modality: str, names: tuple[str, ...]) -> Any:
+    def attr(modality: str, names: tuple[str, ...], kinds: tuple = (int, tuple)) -> Any:
+        """The tokenizer's attribute, or its config's (ImageTokenizer and SpeechTokenizer keep them there)."""
         tok = by_modality.get(modality)
-        return next((getattr(tok, n) for n in names if isinstance(getattr(tok, n, None), int | tuple)), None)
+        holders = (tok, getattr(tok, "config", None))
+        return next((getattr(h, n) for h in holders for n in names if isinstance(getattr(h, n, None), kinds)), None)
 
     image_resolution = image_resolution or attr("image", ("resolution", "image_size"))
     sample_rate = sample_rate or attr("speech", ("sample_rate",))
+    image_policy = image_policy or attr("image", ("preprocess",), (str,)) or IMAGE_POLICIES[0]
+    if image_policy not in IMAGE_POLICIES:
+        raise PrepareError(f"image_policy {image_policy!r}: choose from {list(IMAGE_POLICIES)}")
     if isinstance(image_resolution, list):
         image_resolution = tuple(image_resolution)
-    options = {"max_doc_tokens": max_doc_tokens, "image_resolution": image_resolution, "sample_rate": sample_rate}
+    options = {"max_doc_tokens": max_doc_tokens, "image_resolution": image_resolution, "sample_rate": sample_rate,
+               "image_policy": image_policy}
+    # The codes depend on the encoder's arithmetic, so a resumed run must use the same.
+    batched = batches_images(by_modality.get("image"))
+    image_encoding = (image_precision if device.type == "cuda" else "fp32") if batched else None
     paths = tokenizer_paths or {}
-    infos = {name: tokenizer_info(tok, paths.get(name)) for name, tok in loaded.items()}
+    infos = {name: tokenizer_info(tok, paths.get(name), image_resolution) for name, tok in loaded.items()}
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "schema_version": SCHEMA_VERSION, "vocab": layout, "tokenizers": infos, "shard_size": shard_size,
         "max_doc_tokens": max_doc_tokens, "image_resolution": image_resolution, "sample_rate": sample_rate,
+        "image_policy": image_policy, "image_precision": image_encoding,
     }
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    _check_settings(out, settings, resume)
 
+    def check() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out, settings, resume)
+
+    group.on_first(check, PrepareError)  # one process checks (and clears) the folder; all see its error
+
+    loop = ChunkLoop(
+        tokenizers=tokenizers, loaded=loaded, layout=layout, options=options, out=out, num_workers=num_workers,
+        device=device, image_options={"precision": image_precision, "compile": compile,
+                                      "batch_size": encode_batch_size},
+        mp_context=mp_context,
+    )
     metas: dict[int, dict] = {}
-    counts = Counter()
     reused = 0
-    progress = tqdm(total=source.size_hint(), unit="doc", desc="prepare", disable=not show_progress,
+    n_chunks = 0
+    desc = "prepare" if group.size == 1 else f"prepare {group.rank}/{group.size}"
+    progress = tqdm(total=source.size_hint(), unit="doc", desc=desc, disable=not show_progress or group.rank > 0,
                     dynamic_ncols=True)
+    skipped_so_far = Counter()
 
     def finish(meta: dict) -> None:
         metas[meta["index"]] = meta
-        counts.update(s["reason"] for s in meta["skipped"])
-        progress.update(meta["input_documents"])
-        if counts:
-            progress.set_postfix(skipped=sum(counts.values()), refresh=False)
+        skipped_so_far.update(s["reason"] for s in meta["skipped"])
+        progress.update(meta["input_documents"] * group.size)  # the other processes run at about this rate
+        if skipped_so_far:
+            progress.set_postfix(skipped=sum(skipped_so_far.values()), refresh=False)
 
-    def reusable(index: int, docs: list[Document]) -> dict | None:
-        return complete_shard(out, index, docs) if resume else None
+    def work():
+        nonlocal reused, n_chunks
+        for index, docs in chunks(source, shard_size):
+            n_chunks = index + 1
+            if index % group.size != group.rank:
+                continue
+            meta = complete_shard(out, index, docs) if resume else None
+            if meta is None:
+                yield index, docs
+            else:
+                reused += 1
+                finish(meta)
 
     with progress:
-        if num_workers <= 1:
-            encoder = DocumentEncoder(loaded, layout, **options)
-            for index, docs in _chunks(source, shard_size):
-                meta = reusable(index, docs)
-                reused += meta is not None
-                finish(meta or write_chunk(encoder, index, docs, out))
-        else:
-            ctx = multiprocessing.get_context(mp_context)
-            with ctx.Pool(num_workers, _init_worker, (tokenizers, layout, options)) as pool:
-                pending: deque = deque()
-                for index, docs in _chunks(source, shard_size):
-                    meta = reusable(index, docs)
-                    if meta is not None:
-                        reused += 1
-                        finish(meta)
-                        continue
-                    pending.append(pool.apply_async(_run_chunk, (index, docs, str(out))))
-                    # Bounded: the reader must not run ahead of the workers with every image in memory.
-                    while pending and (len(pending) >= 2 * num_workers or pending[0].ready()):
-                        finish(pending.popleft().get())
-                while pending:
-                    finish(pending.popleft().get())
+        loop.run(work(), finish)
 
-    n_shards = len(metas)
-    for p in _shard_files(out):  # shards of an earlier, longer source
-        if p.name.split(".")[0] not in {shard_name(i) for i in range(n_shards)}:
-            p.unlink()
-    ordered = [metas[i] for i in range(n_shards)]
+    gathered = group.gather({"metas": metas, "reused": reused, "profile": loop.profile.as_dict()})
+    stats_reused = sum(g["reused"] for g in gathered)
+    metas = {i: m for g in gathered for i, m in g["metas"].items()}
+    if sorted(metas) != list(range(n_chunks)):
+        raise RuntimeError(f"prepare: shards {sorted(set(range(n_chunks)) - set(metas))} are missing after all "
+                           f"{group.size} processes finished")
+    ordered = [metas[i] for i in range(n_chunks)]
     reader_skipped = [{"id": s.id, "reason": s.reason, "detail": s.detail} for s in source.skipped]
     skipped = reader_skipped + [s for m in ordered for s in m["skipped"]]
     skipped_counts = dict(sorted(Counter(s["reason"] for s in skipped).items()))
-    grids = {name: g for name, tok in loaded.items() if (g := image_grid(tok)) is not None}
+    grids = {name: g for name, tok in loaded.items() if (g := image_grid(tok, image_resolution)) is not None}
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -248,7 +264,7 @@ def prepare(
         "special_ids": special_ids(layout),
         "tokenizers": infos,
         "image_grids": {name: {"h": h, "w": w, "order": "row-major"} for name, (h, w) in grids.items()},
-        "options": {"shard_size": shard_size, **options},
+        "options": {"shard_size": shard_size, **options, "image_precision": image_encoding},
         "source": source.description,
         "documents": sum(m["documents"] for m in ordered),
         "tokens": sum(m["tokens"] for m in ordered),
@@ -260,14 +276,24 @@ def prepare(
             for m in ordered
         ],
     }
-    write_json(out / "skipped.json", {"total": len(skipped), "counts": skipped_counts, "documents": skipped})
-    write_json(out / "manifest.json", manifest)
+
+    def write_manifest() -> None:
+        names = {shard_name(i) for i in range(n_chunks)}
+        for p in _shard_files(out):  # shards of an earlier, longer source
+            if p.name.split(".")[0] not in names:
+                p.unlink()
+        write_json(out / "skipped.json", {"total": len(skipped), "counts": skipped_counts, "documents": skipped})
+        write_json(out / "manifest.json", manifest)
+
+    group.on_first(write_manifest, OSError)
+    group.close()
     stats = PrepareStats(
-        documents=manifest["documents"], tokens=manifest["tokens"], shards=n_shards,
-        written_shards=n_shards - reused, reused_shards=reused, skipped=skipped_counts,
-        seconds=round(time.perf_counter() - start, 3), out_dir=str(out),
+        documents=manifest["documents"], tokens=manifest["tokens"], shards=n_chunks,
+        written_shards=n_chunks - stats_reused, reused_shards=stats_reused, skipped=skipped_counts,
+        seconds=round(time.perf_counter() - start, 3), out_dir=str(out), device=str(device), processes=group.size,
+        profile=gathered[0]["profile"],
     )
-    if show_progress:
+    if show_progress and group.rank == 0:
         _print_summary(stats, print)
     return stats
 

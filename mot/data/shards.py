@@ -1,4 +1,4 @@
-"""The shard files on disk: writing one chunk atomically, checking a shard is complete, reading them back.
+"""The shard files on disk: writing one shard atomically, checking a shard is complete, reading them back.
 
 Per shard `shard-NNNNNN`: `.tokens.npy` (int32 unified ids, documents back to back), `.offsets.npy` (int64,
 D + 1 entries from 0), `.json` (ids, counts, skipped documents; written last, so its presence after the two
@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-
-from mot.data.media import BadInput
 
 SCHEMA_VERSION = 1
 
@@ -49,19 +47,14 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def _ids_digest(documents: list) -> str:
-    return hashlib.blake2b("\n".join(d.id for d in documents).encode(), digest_size=16).hexdigest()
+def _ids_digest(input_ids: list[str]) -> str:
+    return hashlib.blake2b("\n".join(input_ids).encode(), digest_size=16).hexdigest()
 
 
-def write_chunk(encoder: Any, index: int, documents: list, out: Path) -> dict:
-    """Encode a chunk of documents (skipping and recording bad ones) and write it as shard `index`."""
-    arrays, ids, skipped = [], [], []
-    for doc in documents:
-        try:
-            arrays.append(encoder.encode(doc))
-            ids.append(doc.id)
-        except BadInput as err:
-            skipped.append({"id": doc.id, "reason": err.reason, "detail": err.detail})
+def write_shard(out: Path, index: int, input_ids: list[str], arrays: list[np.ndarray], ids: list[str],
+                skipped: list[dict]) -> dict:
+    """Write shard `index` (the encoded documents of a chunk whose documents were `input_ids`) atomically;
+    its metadata last, so a shard with metadata is whole."""
     tokens = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
     np.cumsum([a.size for a in arrays], out=offsets[1:])
@@ -70,7 +63,7 @@ def write_chunk(encoder: Any, index: int, documents: list, out: Path) -> dict:
     _atomic_write(out / f"{name}.offsets.npy", lambda f: np.save(f, offsets))
     meta = {
         "schema_version": SCHEMA_VERSION, "index": index, "name": name,
-        "input_documents": len(documents), "input_digest": _ids_digest(documents),
+        "input_documents": len(input_ids), "input_digest": _ids_digest(input_ids),
         "documents": len(ids), "tokens": int(tokens.size), "ids": ids, "skipped": skipped,
     }
     write_json(out / f"{name}.json", meta)
@@ -83,7 +76,8 @@ def complete_shard(out: Path, index: int, documents: list) -> dict | None:
     meta = read_json(out / f"{name}.json")
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         return None
-    if meta.get("input_documents") != len(documents) or meta.get("input_digest") != _ids_digest(documents):
+    input_ids = [d.id for d in documents]
+    if meta.get("input_documents") != len(input_ids) or meta.get("input_digest") != _ids_digest(input_ids):
         return None
     try:
         tokens = np.load(out / f"{name}.tokens.npy", mmap_mode="r")

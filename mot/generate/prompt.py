@@ -106,7 +106,8 @@ def build_prompt(
         image_tok, speech_tok = tokenizers.get("image"), tokenizers.get("speech")
         encoder = DocumentEncoder(tokenizers, vocab_layout(vocab),
                                   image_resolution=image_resolution_of(image_tok) if image_tok else None,
-                                  sample_rate=sample_rate_of(speech_tok) if speech_tok else None)
+                                  sample_rate=sample_rate_of(speech_tok) if speech_tok else None,
+                                  image_policy=getattr(image_tok, "preprocess", "center_crop"))
         try:
             ids = encoder.encode(Document("prompt", segments)).tolist()[:-1]  # a prompt has no <eod>
         except BadInput as err:

@@ -54,6 +54,10 @@ class VQGANConfig:
     dropout: float = 0.0
     n_embed: int = 512  # codebook size = the image modality's vocabulary
     embed_dim: int = 32  # codebook vector size (the continuous latent's channels)
+    # How `mot prepare` brings an image of any size to `resolution` (mot.data.media.IMAGE_POLICIES):
+    # "center_crop" scales the shorter side and crops the centre (taming's and Chameleon's), "pad" fits the
+    # whole image on white.
+    preprocess: Literal["center_crop", "pad"] = "center_crop"
     # --- training (mot.tokenize.vqgan_train)
     seed: int = 0
     steps: int = 1000
@@ -103,6 +107,8 @@ class VQGANConfig:
         if self.resolution % self.downsample_factor:
             fail("resolution", f"({self.resolution}) must be a multiple of the downsampling factor "
                                f"{self.downsample_factor} (2 ** (len(ch_mult) - 1))")
+        if self.preprocess not in ("center_crop", "pad"):
+            fail("preprocess", f"must be 'center_crop' or 'pad', got {self.preprocess!r}")
         if not 0 <= self.dropout < 1:
             fail("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
@@ -145,6 +151,10 @@ class ImageTokenizer(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
+
+    @property
+    def preprocess(self) -> str:
+        return self.config.preprocess
 
     def grid_size(self, resolution: int | tuple[int, int] | None = None) -> tuple[int, int]:
         """(h, w) of the code grid for an image of `resolution` (int = square; None = the config's)."""

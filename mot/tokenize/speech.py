@@ -247,7 +247,18 @@ class SpeechTokenizer:
 
     def units_from_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
         """Log-mel dB (n_frames, n_mels) -> the nearest codebook entry of each unit, (n_frames / frames_per_unit,)."""
-        return assign(self.normalize(log_mel), self.codebook)[0]
+        return self.units_from_features(self.normalize(log_mel))
+
+    def features(self, item, where: str = "waveform") -> torch.Tensor:
+        """Waveform (T,) or audio file -> normalised unit vectors (n, unit_dim): what `encode` quantizes.
+
+        `mot prepare` computes these in its CPU workers and quantizes whole batches on the GPU."""
+        return self.normalize(self.log_mel(item, where))
+
+    def units_from_features(self, features: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit vectors (n, unit_dim) -> the nearest codebook entry of each (n,) int64 (codebook: a copy on the
+        features' device, default this tokenizer's)."""
+        return assign(features, self.codebook if codebook is None else codebook)[0]
 
     def _check_units(self, units) -> torch.Tensor:
         units = torch.as_tensor(units)

@@ -141,6 +141,8 @@ class TextTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[torch.Tensor]:
         """Like `encode` on each text, with the library's thread pool."""
+        if self._tok.padding is not None:  # a loaded tokenizer.json may pad a batch to its longest text
+            return [self.encode(text) for text in texts]
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
 

@@ -43,7 +43,8 @@ def ensure_prepared(cfg: RunConfig, where: str) -> Path:
     from mot.data_commands import prepare_for_recipe
 
     print(f"mot: preparing {documents} into {shards} with the tokenizers in {d.tokenizers}")
-    prepare_for_recipe(cfg, where, documents, d.tokenizers, shards, workers=d.prepare_workers)
+    # Called in the main process alone (the others wait), so it must not join a torchrun group.
+    prepare_for_recipe(cfg, where, documents, d.tokenizers, shards, workers=d.prepare_workers, distributed=False)
     return shards
 
 
