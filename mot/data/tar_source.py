@@ -139,6 +139,9 @@ def _caption(sample: dict[str, Any]) -> tuple[str | None, str, str]:
     return (text, "", "") if text else (None, MISSING_CAPTION, "empty caption")
 
 
+SCANNED_FOR_HINT = 2
+
+
 class TarDocuments(DocumentSource):
     """Captioned-pair documents from webdataset-style tar shards: one tar, a list of them, or a folder of
     *.tar / *.tar.gz / *.tgz (in name order). See the module docstring."""
@@ -196,17 +199,24 @@ class TarDocuments(DocumentSource):
                                                   f"the damage: {kept}")
 
     def size_hint(self) -> int | None:
-        """Documents a pass yields if every sample is whole and captioned, from a scan of the headers (cached
-        per file while its size and mtime stay); None when a tar is compressed (no cheap scan)."""
+        """Documents a pass yields if every sample is whole and captioned, from a scan of the first files'
+        headers (cached per file while its size and mtime stay) and the sizes of the others; None when a tar is
+        compressed (no cheap scan)."""
         if any(not p.name.lower().endswith(".tar") for p in self.paths):
             return None
-        total = 0
-        for path in self.paths:
+        # A header scan costs as much as reading the headers for real (prepare's main process does that too),
+        # so beyond SCANNED_FOR_HINT files the others are estimated at the scanned ones' media per byte.
+        scanned = self.paths[:SCANNED_FOR_HINT]
+        total, scanned_bytes = 0, 0
+        for path in scanned:
             stat = path.stat()
             cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
             if cache_key not in self._hints:
                 self._hints[cache_key] = _count_media(path)
-            total += self._hints[cache_key]
+            total, scanned_bytes = total + self._hints[cache_key], scanned_bytes + stat.st_size
+        rest = sum(p.stat().st_size for p in self.paths[SCANNED_FOR_HINT:])
+        if rest and scanned_bytes:
+            total += round(total * rest / scanned_bytes)
         return total * len(self.pair_orders)
 
 
