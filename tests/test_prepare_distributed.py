@@ -178,3 +178,13 @@ def test_shards_of_two_processes_read_as_one_corpus(two_processes, reference):
         tokens = torch.cat([next(loader).tokens.reshape(-1) for _ in range(n)]).numpy()
         stream = np.concatenate([np.asarray(corpus.document(i)) for e in (0, 1) for i in loader.epoch_order(e)])
         np.testing.assert_array_equal(tokens, stream[: len(tokens)])
+
+
+def test_a_failure_of_process_0_before_the_work_reaches_the_other_process(corpus, tmp_path):
+    out = tmp_path / "a-file"  # not a folder: process 0's check fails with FileExistsError, not a PrepareError
+    out.write_text("")
+    codes, stats = launch(corpus, out, tmp_path / "marker", tmp_path / "logs")
+    logs = _logs(tmp_path / "logs")
+    # Rank 1 raises at once with rank 0's message, instead of waiting in a collective until it is killed (-9).
+    assert codes[0] == 1 and codes[1] == 1 and stats is None, (codes, logs)
+    assert "process 0 failed: FileExistsError" in (tmp_path / "logs" / "rank1.err").read_text(), logs
