@@ -148,6 +148,12 @@ def _segment_from_dict(seg: Any, root: Path) -> Segment:
     raise ValueError(f"unknown segment type {kind!r} (expected 'text', 'image' or 'audio')")
 
 
+def pair_documents(group: str, kind: str, media: Segment, text: TextSegment, orders: tuple[str, ...]) -> list[Document]:
+    """A captioned pair as one document per order: "<group>#image-text" [media, text], "#text-image" [text, media]."""
+    return [Document(f"{group}#{order.replace('media', kind)}", [media, text] if order == "media-text" else
+                     [text, media]) for order in orders]
+
+
 def _missing_files(doc: Document) -> list[Path]:
     return [s.path for s in doc.segments if getattr(s, "path", None) is not None and not s.path.is_file()]
 
@@ -330,9 +336,7 @@ class HFDocuments(DocumentSource):
             if row.get(media_col) is None or row.get(text_col) is None:
                 continue
             media, text = self._media(kind, row[media_col]), TextSegment(str(row[text_col]))
-            for order in self.pair_orders:
-                segs = [media, text] if order == "media-text" else [text, media]
-                docs.append(Document(f"{base}#{order.replace('media', kind)}", segs))
+            docs += pair_documents(base, kind, media, text, self.pair_orders)
         return docs
 
     def __iter__(self) -> Iterator[Document]:

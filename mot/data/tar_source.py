@@ -39,6 +39,7 @@ from mot.data.documents import (
     HFDocuments,
     ImageSegment,
     TextSegment,
+    pair_documents,
 )
 from mot.data.media import FileRange
 
@@ -181,9 +182,7 @@ class TarDocuments(DocumentSource):
         text, docs = TextSegment(caption), []
         for kind, data in media:
             segment = ImageSegment(data=data) if kind == "image" else AudioSegment(data=data)
-            for order in self.pair_orders:
-                segments = [segment, text] if order == "media-text" else [text, segment]
-                docs.append(Document(f"{group}#{order.replace('media', kind)}", segments))
+            docs += pair_documents(group, kind, segment, text, self.pair_orders)
         return docs
 
     def __iter__(self) -> Iterator[Document]:
