@@ -76,10 +76,13 @@ from mot.data.documents import ImageSegment, open_documents  # noqa: E402
 from mot.data.encode import vocab_layout  # noqa: E402
 from mot.data.media import decode_image  # noqa: E402
 from mot.data.pipeline import pieces_for  # noqa: E402
-from mot.data.prepare import prepare  # noqa: E402
+from mot.data.prepare import (
+    default_workers,  # noqa: E402
+    prepare,  # noqa: E402
+)
 from mot.data.synthetic_docs import write_shards  # noqa: E402
-from mot.data_commands import default_workers, load_tokenizer  # noqa: E402
 from mot.tokenize.image import ImageTokenizer, load_vqgan_config  # noqa: E402
+from mot.tokenize.load import load_tokenizer  # noqa: E402
 from mot.vocab import UnifiedVocab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from mot.config import load_config  # noqa: E402
 from mot.data import encode, pipeline  # noqa: E402
+from mot.data.prepare import prepare_for_recipe  # noqa: E402
 from mot.data.synthetic_docs import write_shards  # noqa: E402
-from mot.data_commands import prepare_for_recipe  # noqa: E402
 
 
 def zeros_for_media(self, chunk):

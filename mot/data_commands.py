@@ -19,23 +19,11 @@ import torch
 from tqdm import tqdm
 
 from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, PRECISIONS
+from mot.data.prepare import prepare_for_recipe
 from mot.tokenize.base import TokenizerError
+from mot.tokenize.load import load_tokenizer
 
 MODALITIES = ("text", "image", "speech")
-
-
-def load_tokenizer(modality: str, folder: str | Path):
-    if modality == "text":
-        from mot.tokenize.text import TextTokenizer
-
-        return TextTokenizer.load(folder)
-    if modality == "image":
-        from mot.tokenize.image import ImageTokenizer
-
-        return ImageTokenizer.load(folder).eval()
-    from mot.tokenize.speech import SpeechTokenizer
-
-    return SpeechTokenizer.load(folder)
 
 
 def _segments(data: str, kind: str) -> list:
@@ -133,44 +121,6 @@ def cmd_tokenizer_decode(args: argparse.Namespace, overrides: list[str]) -> int:
         soundfile.write(args.out, out.numpy(), tok.config.sample_rate, subtype="PCM_16")
     print(f"wrote {args.out}")
     return 0
-
-
-def default_workers(device: str) -> int:
-    """The cores this process may use, shared with the other processes of a torchrun on this machine; with a
-    GPU one core is left for the process that feeds it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    gpu = device != "cpu" and torch.cuda.is_available()
-    return max(1, cores - 1 if gpu else cores)
-
-
-def prepare_for_recipe(cfg, recipe: str | Path, data: str | Path, tokenizers: str | Path, out: str | Path,
-                       workers: int | None = 1, shard_size: int = 1000, max_doc_tokens: int = 0, **options):
-    """Tokenize `data` into shards for the recipe's vocabulary with the tokenizers in `tokenizers`/<modality>;
-    options go to `prepare` (device, image_precision, compile, encode_batch_size)."""
-    from functools import partial
-
-    from mot.config import ConfigError
-    from mot.data.prepare import prepare
-    from mot.vocab import UnifiedVocab
-
-    vocab = UnifiedVocab(cfg.model)
-    loaders, paths = {}, {}
-    for mod in cfg.model.modalities:
-        folder = Path(tokenizers) / mod.name
-        if not folder.exists():
-            print(f"note: no tokenizer at {folder}: documents with {mod.name} segments are skipped and counted")
-            continue
-        tok = load_tokenizer(mod.name, folder)
-        if tok.vocab_size > mod.vocab_size:
-            raise ConfigError(f"{recipe}: model.modalities '{mod.name}' has vocab_size {mod.vocab_size}, "
-                              f"but the tokenizer in {folder} emits {tok.vocab_size} ids")
-        loaders[mod.name] = partial(load_tokenizer, mod.name, str(folder))
-        paths[mod.name] = str(folder)
-    if workers is None:
-        workers = default_workers(options.get("device", "auto"))
-    return prepare(data, loaders, vocab, out, num_workers=workers, shard_size=shard_size,
-                   max_doc_tokens=max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths, **options)
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:

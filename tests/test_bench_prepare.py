@@ -13,7 +13,7 @@ import pytest
 from mot.data.documents import open_documents
 from mot.data.encode import DocumentEncoder
 from mot.data.shards import ShardedCorpus
-from mot.data_commands import load_tokenizer
+from mot.tokenize.load import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, batches_images, check_precision, resolve_device
@@ -49,7 +50,7 @@ from mot.data.pipeline import ChunkLoop, chunks
 from mot.data.shards import SCHEMA_VERSION, complete_shard, read_json, shard_name, write_json
 from mot.vocab import UnifiedVocab
 
-__all__ = ["PrepareError", "PrepareStats", "prepare"]
+__all__ = ["PrepareError", "PrepareStats", "prepare", "prepare_for_recipe"]
 
 FORMAT = "mot-shards"
 LAYOUT = (
@@ -308,3 +309,41 @@ def _print_summary(stats: PrepareStats, write: Callable[[str], Any]) -> None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in stats.skipped.items())
         write(f"prepare: skipped {sum(stats.skipped.values())} documents ({reasons}); "
               f"see {os.path.join(stats.out_dir, 'skipped.json')}")
+
+
+def default_workers(device: str) -> int:
+    """The cores this process may use, shared with the other processes of a torchrun on this machine; with a
+    GPU one core is left for the process that feeds it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return max(1, cores - 1 if gpu else cores)
+
+
+def prepare_for_recipe(cfg, recipe: str | Path, data: str | Path, tokenizers: str | Path, out: str | Path,
+                       workers: int | None = 1, shard_size: int = 1000, max_doc_tokens: int = 0, **options):
+    """Tokenize `data` into shards for the recipe's vocabulary with the tokenizers in `tokenizers`/<modality>;
+    options go to `prepare` (device, image_precision, compile, encode_batch_size)."""
+    from functools import partial
+
+    from mot.config import ConfigError
+    from mot.tokenize.load import load_tokenizer
+    from mot.vocab import UnifiedVocab
+
+    vocab = UnifiedVocab(cfg.model)
+    loaders, paths = {}, {}
+    for mod in cfg.model.modalities:
+        folder = Path(tokenizers) / mod.name
+        if not folder.exists():
+            print(f"note: no tokenizer at {folder}: documents with {mod.name} segments are skipped and counted")
+            continue
+        tok = load_tokenizer(mod.name, folder)
+        if tok.vocab_size > mod.vocab_size:
+            raise ConfigError(f"{recipe}: model.modalities '{mod.name}' has vocab_size {mod.vocab_size}, "
+                              f"but the tokenizer in {folder} emits {tok.vocab_size} ids")
+        loaders[mod.name] = partial(load_tokenizer, mod.name, str(folder))
+        paths[mod.name] = str(folder)
+    if workers is None:
+        workers = default_workers(options.get("device", "auto"))
+    return prepare(data, loaders, vocab, out, num_workers=workers, shard_size=shard_size,
+                   max_doc_tokens=max_doc_tokens or cfg.model.max_seq_len, tokenizer_paths=paths, **options)

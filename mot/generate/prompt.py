@@ -35,7 +35,7 @@ class GenerationError(ValueError):
 
 def load_tokenizers(folder: str | Path | None, vocab: UnifiedVocab) -> dict[str, Any]:
     """The tokenizer of every modality of the model found in `folder`/<modality name>."""
-    from mot.data_commands import load_tokenizer
+    from mot.tokenize.load import load_tokenizer
 
     if folder is None:
         return {}

@@ -40,7 +40,7 @@ def ensure_prepared(cfg: RunConfig, where: str) -> Path:
     if not d.tokenizers or not Path(d.tokenizers).is_dir():
         raise ConfigError(f"{where}: 'data.tokenizers' = {d.tokenizers!r} is not a folder of tokenizers "
                           "(text/ image/ speech/); needed to prepare {documents}")
-    from mot.data_commands import prepare_for_recipe
+    from mot.data.prepare import prepare_for_recipe
 
     print(f"mot: preparing {documents} into {shards} with the tokenizers in {d.tokenizers}")
     # Called in the main process alone (the others wait), so it must not join a torchrun group.

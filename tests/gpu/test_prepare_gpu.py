@@ -26,8 +26,8 @@ from mot.data.media import decode_image
 from mot.data.prepare import prepare
 from mot.data.shards import ShardedCorpus
 from mot.data.synthetic_docs import demo_image, photo_like, speech_like, write_shards
-from mot.data_commands import load_tokenizer
 from mot.tokenize.image import ImageTokenizer, load_vqgan_config
+from mot.tokenize.load import load_tokenizer
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
 
