@@ -81,11 +81,25 @@ def _init_worker(tokenizers: dict, layout: dict, options: dict, encode_here: boo
     _WORKER["media"] = MediaEncoder(decoder, "cpu") if encode_here else None
 
 
-def _encode_and_write(index: int, documents: list[Document], out_dir: str) -> tuple[dict, dict]:
-    decoder, media = _WORKER["decoder"], _WORKER["media"]
+def _shard_of_chunk(decoder: DocumentDecoder, media: MediaEncoder, index: int, documents: list[Document],
+                    out: Path, profile: Profile) -> dict:
+    """CPU mode: decode, encode and write one chunk here, timing each step into `profile`."""
+    start = time.perf_counter()
     chunk = decoder.decode(documents, index)
-    meta = write_shard(Path(out_dir), index, chunk.input_ids, *decoder.assemble(chunk, media(chunk)))
-    return meta, chunk.counts
+    decoded = time.perf_counter()
+    encoded = media(chunk)
+    done = time.perf_counter()
+    meta = write_shard(out, index, chunk.input_ids, *decoder.assemble(chunk, encoded))
+    profile.decode, profile.encode = profile.decode + decoded - start, profile.encode + done - decoded
+    profile.write += time.perf_counter() - done
+    profile.add_counts(chunk.counts)
+    return meta
+
+
+def _encode_and_write(index: int, documents: list[Document], out_dir: str) -> tuple[dict, dict]:
+    profile = Profile()
+    meta = _shard_of_chunk(_WORKER["decoder"], _WORKER["media"], index, documents, Path(out_dir), profile)
+    return meta, profile.counts
 
 
 def _decode(index: int, documents: list[Document]):
@@ -122,16 +136,7 @@ class ChunkLoop:
             decoder = DocumentDecoder(self.loaded, self.layout, **self.options)
             media = MediaEncoder(decoder, "cpu")
             for index, docs in work:
-                start = time.perf_counter()
-                chunk = decoder.decode(docs, index)
-                decoded = time.perf_counter()
-                encoded = media(chunk)
-                done = time.perf_counter()
-                finish(write_shard(self.out, index, chunk.input_ids, *decoder.assemble(chunk, encoded)))
-                p = self.profile
-                p.decode, p.encode = p.decode + decoded - start, p.encode + done - decoded
-                p.write += time.perf_counter() - done
-                p.add_counts(chunk.counts)
+                finish(_shard_of_chunk(decoder, media, index, docs, self.out, self.profile))
         else:
             self._run_on_cpu_workers(work, finish)
 
@@ -165,35 +170,22 @@ class ChunkLoop:
         decoder = DocumentDecoder(self.loaded, self.layout, **self.options)
         media = MediaEncoder(decoder, self.device, **self.image_options)
         per_piece = self.decode_batch or pieces_for(self.options.get("image_resolution"))
-        shards: dict[int, dict] = {}  # index -> pieces left, and what the finished ones assembled
+        shards: dict[int, dict] = {}  # index -> its documents' ids, its number of pieces, the assembled ones
         in_flight: list = []  # the piece whose encoding the device is running: (index, chunk, pending ids)
-
-        def write_done(index: int) -> None:
-            shard = shards[index]
-            if shard["left"] == 0:
-                start = time.perf_counter()
-                finish(write_shard(self.out, index, shard["input_ids"], shard["arrays"], shard["ids"],
-                                   shard["skipped"]))
-                self.profile.write += time.perf_counter() - start
-                del shards[index]
 
         def complete(index: int, chunk, pending: dict) -> None:
             start = time.perf_counter()
             encoded: EncodedMedia = media.collect(pending)
-            assembled = time.perf_counter()
-            self.profile.encode_wait += assembled - start
-            arrays, ids, skipped = decoder.assemble(chunk, encoded)
+            collected = time.perf_counter()
+            self.profile.encode_wait += collected - start
             shard = shards[index]
-            shard["parts"][chunk.index] = (arrays, ids, skipped)
-            shard["left"] -= 1
-            if shard["left"] == 0:
-                for piece in sorted(shard["parts"]):
-                    a, i, s = shard["parts"][piece]
-                    shard["arrays"] += a
-                    shard["ids"] += i
-                    shard["skipped"] += s
-            self.profile.write += time.perf_counter() - assembled
-            write_done(index)
+            shard["assembled"][chunk.index] = decoder.assemble(chunk, encoded)  # (arrays, ids, skipped)
+            if len(shard["assembled"]) == shard["pieces"]:  # pieces finish in order; write them in order anyway
+                del shards[index]
+                pieces = [shard["assembled"][p] for p in range(shard["pieces"])]
+                arrays, ids, skipped = ([x for piece in pieces for x in piece[k]] for k in range(3))
+                finish(write_shard(self.out, index, shard["input_ids"], arrays, ids, skipped))
+            self.profile.write += time.perf_counter() - collected
 
         def take(get: Callable[[], Any]) -> None:
             start = time.perf_counter()
@@ -210,8 +202,7 @@ class ChunkLoop:
 
         def pieces(index: int, docs: list[Document]) -> list[list[Document]]:
             parts = [docs[i : i + per_piece] for i in range(0, len(docs), per_piece)]
-            shards[index] = {"left": len(parts), "parts": {}, "input_ids": [d.id for d in docs], "arrays": [],
-                             "ids": [], "skipped": []}
+            shards[index] = {"input_ids": [d.id for d in docs], "pieces": len(parts), "assembled": {}}
             return parts
 
         if self.num_workers <= 1:
