@@ -112,14 +112,16 @@ def _as_ids(ids: Any) -> np.ndarray:
 class DecodedChunk:
     """A chunk after decode: per document either its parts or why it is skipped, and the media to encode.
 
-    A part is ("ids", kind, local ids), ("image", size, row in images[size]) or ("audio", first row, rows) of
-    features. Tensors cross from worker processes through shared memory, so they are few and stacked."""
+    A part is ("ids", kind, local ids), ("image", size, row in images[size]) or ("audio", clip), whose feature
+    rows are features[feature_offsets[clip]:feature_offsets[clip + 1]]. Tensors cross from worker processes
+    through shared memory, so they are few and stacked."""
 
     index: int
     input_ids: list[str]
     documents: list[tuple[str, list[tuple]] | dict] = field(default_factory=list)
     images: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     features: torch.Tensor | None = None
+    feature_offsets: list[int] = field(default_factory=lambda: [0])
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -250,24 +252,23 @@ class DocumentDecoder:
         text_ids = [[next(flat) for _ in texts] for texts in doc_texts]
         images: dict[tuple[int, int], list[torch.Tensor]] = {}
         features: list[torch.Tensor] = []
-        rows = [0]  # feature rows so far
         for doc, texts in zip(documents, text_ids, strict=True):
-            marks = ({size: len(items) for size, items in images.items()}, len(features), rows[0])
+            marks = ({size: len(items) for size, items in images.items()}, len(features))
             try:
-                chunk.documents.append((doc.id, self._decode_document(doc, texts, images, features, rows)))
+                chunk.documents.append((doc.id, self._decode_document(doc, texts, images, features)))
             except BadInput as err:
                 for size, items in images.items():  # drop what this document had added
                     del items[marks[0].get(size, 0):]
                 del features[marks[1]:]
-                rows[0] = marks[2]
                 chunk.documents.append({"id": doc.id, "reason": err.reason, "detail": err.detail})
         chunk.images = {size: torch.stack(items) for size, items in images.items() if items}
         chunk.features = torch.cat(features) if features else None
+        chunk.feature_offsets = np.cumsum([0] + [f.shape[0] for f in features]).tolist()
         chunk.counts = {"images": sum(len(v) for v in images.values()), "audio": len(features),
                         "image_pixels": sum(len(v) * s[0] * s[1] for s, v in images.items())}
         return chunk
 
-    def _decode_document(self, doc: Document, texts: list, images: dict, features: list, rows: list) -> list[tuple]:
+    def _decode_document(self, doc: Document, texts: list, images: dict, features: list) -> list[tuple]:
         parts: list[tuple] = []
         total, content = 2, 0  # <bod> and <eod>
         texts = iter(texts)
@@ -300,8 +301,7 @@ class DocumentDecoder:
                     part, size = ("ids", kind, item), item.size
                 else:
                     features.append(item)
-                    part, size = ("audio", rows[0], item.shape[0]), item.shape[0]
-                    rows[0] += item.shape[0]
+                    part, size = ("audio", len(features) - 1), item.shape[0]
             if size == 0:
                 continue
             parts.append(part)
@@ -331,7 +331,8 @@ class DocumentDecoder:
                 elif part[0] == "image":
                     kind, local = "image", media.codes[part[1]][part[2]]
                 else:
-                    kind, local = "audio", media.units[part[1] : part[1] + part[2]]
+                    first, end = chunk.feature_offsets[part[1]], chunk.feature_offsets[part[1] + 1]
+                    kind, local = "audio", media.units[first:end]
                 unified = local.astype(np.int64) + self.by_segment[kind][2]
                 if BRACKETS[kind]:
                     begin, end = (self.specials[s] for s in BRACKETS[kind])
