@@ -5,6 +5,7 @@
     mot compare RUN_DIR RUN_DIR [...] [--out DIR] | mot compare --recipe R.toml [--key=value ...]
     mot demo-data | tokenizer train|encode|decode | prepare   (see mot/data_commands.py)
     mot grow | upcycle | add-modality CKPT ... --out DIR     (see mot/grow_cli.py)
+    mot import-hf CHAMELEON_FOLDER --out RUN | export-hf RUN --out FOLDER   (see mot/interop/cli.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mot.data_commands import add_commands as add_data_commands
 from mot.flops import SizeReport, dense_baseline, size_report
 from mot.generate.cli import add_commands as add_generate_commands
 from mot.grow_cli import add_commands as add_grow_commands
+from mot.interop.cli import add_commands as add_interop_commands
 from mot.tokenize.base import TokenizerError
 from mot.train.checkpoint import CheckpointError
 from mot.train.errors import NonFiniteError
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_generate_commands(sub)
     add_grow_commands(sub)
+    add_interop_commands(sub)
 
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")

@@ -64,6 +64,7 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0  # key/value heads, each shared by n_heads / n_kv_heads query heads (GQA); 0 = n_heads
     ffn_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * dim rounded up to ffn_multiple_of (Llama's rule)
     ffn_multiple_of: int = 256
     modalities: list[ModalityConfig] = field(
@@ -74,7 +75,10 @@ class ModelConfig:
     vocab_multiple_of: int = 64  # pad the unified vocabulary for matmul-friendly head shapes
     # Which non-embedding parameters exist once per modality. [] is the dense baseline.
     untie: list[str] = field(default_factory=lambda: list(UNTIE_CHOICES))
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys (per modality when norms are untied)
+    qk_norm: bool = False  # normalise queries and keys per head (per modality when norms are untied)
+    # "rms": RMSNorm with one gain shared by the heads. "layernorm_per_head": LayerNorm with a gain and a bias for
+    # every head (Chameleon's; eps fixed at 1e-5 as in its code).
+    qk_norm_type: Literal["rms", "layernorm_per_head"] = "rms"
     # "pre": x + f(norm(x)). "chameleon": x + norm(f(x)), the norm inside the residual on the output.
     norm_placement: Literal["pre", "chameleon"] = "pre"
     norm_eps: float = 1e-5
@@ -95,6 +99,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): kv_heads * head_dim."""
+        return self.kv_heads * self.head_dim
 
     @property
     def ffn_hidden(self) -> int:
@@ -215,6 +228,10 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("model.n_heads", f"must divide model.dim={m.dim}, got {m.n_heads}")
     if m.head_dim % 2:
         fail("model.n_heads", f"gives an odd head_dim {m.head_dim}; rotary embeddings need it even")
+    if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
+        fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads} (0 = n_heads), got {m.n_kv_heads}")
+    if m.kv_heads != m.n_heads and m.projection == "pattention":
+        fail("model.n_kv_heads", "grouped-query attention is for linear projections; Pattention keeps n_heads")
     if m.ffn_dim < 0:
         fail("model.ffn_dim", f"must be >= 0, got {m.ffn_dim}")
     if not m.modalities:

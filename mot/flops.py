@@ -69,8 +69,13 @@ def dense_baseline(cfg: ModelConfig) -> ModelConfig:
 def _layer_params(cfg: ModelConfig, modality: int = 0) -> dict[str, int]:
     """Parameters of one copy of each component in one layer (of `modality`'s tower: Pattention towers may
     hold different token counts)."""
-    qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0
-    norm = 2 * cfg.dim + qk_norm  # attention and FFN norms (+ per-head q/k norm gains)
+    if not cfg.qk_norm:
+        qk_norm = 0
+    elif cfg.qk_norm_type == "layernorm_per_head":  # a gain and a bias per head of the queries and of the keys
+        qk_norm = 2 * (cfg.n_heads + cfg.kv_heads) * cfg.head_dim
+    else:
+        qk_norm = 2 * cfg.head_dim
+    norm = 2 * cfg.dim + qk_norm  # attention and FFN norms (+ the q/k norms)
     if cfg.projection == "pattention":
         # n tokens of a Pattention in -> out hold n * (in + out) parameters; a token multiplies with all of them
         # once (x K^T, then Theta V), so FLOPs stay 2 x parameters. The modified softmax is O(n), not counted.
@@ -79,7 +84,7 @@ def _layer_params(cfg: ModelConfig, modality: int = 0) -> dict[str, int]:
         ffn = cfg.param_tokens_of("ffn", modality if cfg.towers("ffn") > 1 else 0)
         return {"attn": attn * (cfg.dim + 3 * cfg.dim) + attn * 2 * cfg.dim, "ffn": ffn * 2 * cfg.dim, "norm": norm}
     return {
-        "attn": 4 * cfg.dim * cfg.dim,  # fused QKV + output projection
+        "attn": cfg.dim * (2 * cfg.dim + 2 * cfg.kv_dim),  # fused QKV (GQA: narrower K and V) + output
         "ffn": 3 * cfg.dim * cfg.ffn_hidden,  # SwiGLU w1, w3, w2
         "norm": norm,
     }

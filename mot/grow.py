@@ -29,12 +29,12 @@ import torch
 from mot.config import UNTIE_CHOICES, ConfigError, ModalityConfig, RunConfig, config_from_dict, config_to_dict
 from mot.model import MoTTransformer
 from mot.model.pattention import TowerPattention
-from mot.model.routing import TowerLinear, TowerRMSNorm
+from mot.model.routing import TowerHeadLayerNorm, TowerLinear, TowerRMSNorm
 from mot.train import checkpoint as ckpt
 from mot.vocab import UnifiedVocab
 
 Tensor = torch.Tensor
-TOWER_MODULES = (TowerLinear, TowerRMSNorm, TowerPattention)
+TOWER_MODULES = (TowerLinear, TowerRMSNorm, TowerHeadLayerNorm, TowerPattention)
 
 
 class GrowError(ConfigError):
@@ -188,7 +188,8 @@ def upcycle(source: Source, untie: list[str] | tuple[str, ...] = UNTIE_CHOICES
     def copy_into_towers(name: str, old: Tensor, new: Tensor) -> Tensor:
         return old.expand_as(new).clone() if name in towers and old.shape != new.shape else old
 
-    state, optimizer = _rebuild(source, fresh, copy_into_towers, copy_into_towers)
+    # A weights-only source (an imported model, mot import-hf) has no moments to copy.
+    state, optimizer = _rebuild(source, fresh, copy_into_towers, copy_into_towers if source.optimizer else None)
     return cfg, state, optimizer
 
 

@@ -24,6 +24,10 @@ CONFIGS = {
     "dense": tiny_config(dim=64, ffn_dim=160, untie=[]),
     "mot ffn only": tiny_config(dim=64, untie=["ffn"]),
     "mot tied embeddings": tiny_config(dim=64, tie_embeddings=True),
+    # Chameleon's options: grouped-query attention, per-head LayerNorm q/k norms with bias
+    "mot gqa": tiny_config(dim=64, ffn_dim=160, n_kv_heads=2, qk_norm=True, qk_norm_type="layernorm_per_head"),
+    "dense gqa": tiny_config(dim=64, ffn_dim=160, untie=[], n_kv_heads=1, qk_norm=True,
+                             qk_norm_type="layernorm_per_head"),
 }
 
 # The image modality under the diffusion objective (Transfusion setting): latent projections too.
@@ -43,7 +47,7 @@ def test_param_count_matches_model(cfg):
     assert embedding == model.embed.weight.numel() * (1 if cfg.tie_embeddings else 2)
 
 
-@pytest.mark.parametrize("name", ["mot", "dense"])
+@pytest.mark.parametrize("name", ["mot", "dense", "mot gqa", "dense gqa"])
 @pytest.mark.parametrize("grouped", ["never", "always"])
 def test_flops_match_flop_counter(name, grouped, generator, monkeypatch):
     monkeypatch.setattr(routing, "GROUPED_MM", grouped)

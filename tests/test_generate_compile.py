@@ -20,11 +20,17 @@ def test_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
     prompt = [v.special_id("<bod>"), v["text"].start + 3, v.special_id("<boi>")]
     config = GenerationConfig(max_new_tokens=10, temperature=0, image_tokens=4, guidance_scale=2.0)
 
-    eager = generate(model, [prompt] * 2, config)
+    # The reference is the same static step run eagerly: the generation differs only by the tracing, so the
+    # tokens must be identical. (The eager decoder attends over the filled slots only, a different reduction
+    # whose bf16 rounding can flip a near-tie; test_generate checks the static step against the full forward.)
+    untraced = CachedDecoder(model, 4, len(prompt) + config.max_new_tokens)
+    untraced.compiled = True  # the static step, uncompiled
+    eager = generate(model, [prompt] * 2, config, untraced)
     decoder = CachedDecoder(model, 4, len(prompt) + config.max_new_tokens)
     decoder._step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # tracing, no inductor
     decoder.compiled = True
     with torch._dynamo.config.patch(error_on_recompile=True):  # a context manager restores the flag cleanly
         compiled = generate(model, [prompt] * 2, config, decoder)
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    assert any(t != compiled[0].tokens[0] for t in compiled[0].tokens)  # not one token repeated
     torch._dynamo.reset()

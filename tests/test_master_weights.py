@@ -157,8 +157,10 @@ def test_training_equals_autocast_over_fp32_weights_with_accumulation(accumulati
         return
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-4)
     masters = opt.master_state_dict()
+    # Within 1% of one step's largest move (lr): the gradients agree to rounding, but where one is near Adam's
+    # eps the update's size follows that rounding (1.07e-5 seen on 1 of 4096 elements on some CPUs).
     for name, p in reference.named_parameters():
-        torch.testing.assert_close(masters.get(name, named[name]), p.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(masters.get(name, named[name]), p.detach(), rtol=1e-4, atol=0.01 * train_cfg.lr)
 
 
 def test_trainer_resumes_exactly_and_checkpoints_fp32_masters(shards, tmp_path):

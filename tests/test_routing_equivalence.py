@@ -45,6 +45,23 @@ def test_sorted_routing_equals_mask_reference_float64(layout_name, placement, qk
         torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("kv_heads", [0, 2, 1])
+@pytest.mark.parametrize("qk_norm_type", ["rms", "layernorm_per_head"])
+def test_grouped_query_attention_and_head_norms_equal_mask_reference(kv_heads, qk_norm_type, generator):
+    """GQA (the reference repeats each key/value head for its group of queries) and Chameleon's per-head
+    LayerNorm q/k norms, per tower, gradients included."""
+    cfg = tiny_config(n_kv_heads=kv_heads, qk_norm=True, qk_norm_type=qk_norm_type, norm_placement="chameleon")
+    model = MoTTransformer(cfg).double()
+    randomize_norms(model, generator)  # gains and the q/k norms' biases differ per tower (and per head)
+    assert model.blocks[0].attn.qkv.weight.shape[1] == cfg.dim + 2 * cfg.kv_dim
+    tokens = tokens_for_layout(random_layout(2, 33, [0, 1, 2], 7, generator), model.vocab, generator)
+    ours, our_grads = _logits_and_grads(model, model, tokens)
+    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("untie", [["ffn"], ["attn"], ["norm"], ["attn", "norm"]])
 def test_partial_untying_equals_mask_reference(untie, generator):
     """The paper's ablations: any subset of components untied."""

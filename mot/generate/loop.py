@@ -113,7 +113,7 @@ class CachedDecoder:
         # Slots, not positions: diffusion blocks waste slots in the other rows, so a cache may hold more slots
         # than max_seq_len (the rotary table's length; generate checks the positions against it).
         cfg, weight = model.cfg, model.embed.weight
-        self.cache = KVCache(cfg.n_layers, rows, max_len, cfg.n_heads, cfg.head_dim, weight.dtype, weight.device)
+        self.cache = KVCache(cfg.n_layers, rows, max_len, cfg.kv_heads, cfg.head_dim, weight.dtype, weight.device)
         self.pad = model.vocab.special_id("<pad>")
         device = weight.device
         self.modality_table = model.vocab.modality_of(torch.arange(model.vocab.size, device=device))

@@ -19,7 +19,7 @@ from mot.config import ModelConfig
 from mot.model.masks import BlockMask, flex
 from mot.model.pattention import tower_projection
 from mot.model.rope import apply_rotary
-from mot.model.routing import Route, TowerLinear, TowerRMSNorm
+from mot.model.routing import Route, TowerHeadLayerNorm, TowerLinear, TowerRMSNorm
 
 
 @dataclass
@@ -37,19 +37,32 @@ class AttentionInputs:
     cache: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+def qk_norms(cfg: ModelConfig) -> tuple[nn.Module, nn.Module] | tuple[None, None]:
+    """The query and key norms: norms, so untied with "norm", like the reference's per-modality q/k norms."""
+    if not cfg.qk_norm:
+        return None, None
+    towers = cfg.towers("norm")
+    if cfg.qk_norm_type == "layernorm_per_head":
+        return (TowerHeadLayerNorm(towers, cfg.n_heads, cfg.head_dim),
+                TowerHeadLayerNorm(towers, cfg.kv_heads, cfg.head_dim))
+    return TowerRMSNorm(towers, cfg.head_dim, cfg.norm_eps), TowerRMSNorm(towers, cfg.head_dim, cfg.norm_eps)
+
+
 class Attention(nn.Module):
+    """Queries, keys and values from one fused projection; n_kv_heads < n_heads is grouped-query attention."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = tower_projection(cfg, "attn", cfg.dim, 3 * cfg.dim)
+        self.n_heads, self.kv_heads = cfg.n_heads, cfg.kv_heads
+        self.split = (cfg.dim, cfg.kv_dim, cfg.kv_dim)
+        self.qkv = tower_projection(cfg, "attn", cfg.dim, sum(self.split))
         self.out = tower_projection(cfg, "attn", cfg.dim, cfg.dim)
-        # QK norms are norms: untied with "norm", like the reference's per-modality q/k norms.
-        self.q_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = TowerRMSNorm(cfg.towers("norm"), cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm, self.k_norm = qk_norms(cfg)
 
     def forward(self, x: torch.Tensor, route: Route, inputs: AttentionInputs) -> torch.Tensor:
-        heads = lambda t: rearrange(t, "n (h d) -> n h d", h=self.n_heads)
-        q, k, v = map(heads, self.qkv(x, route).chunk(3, dim=-1))
+        q, k, v = self.qkv(x, route).split(self.split, dim=-1)
+        q = rearrange(q, "n (h d) -> n h d", h=self.n_heads)
+        k, v = (rearrange(t, "n (h d) -> n h d", h=self.kv_heads) for t in (k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q, route), self.k_norm(k, route)
         # Global attention over the whole sequence: back to natural order for this part only.
@@ -59,12 +72,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if inputs.cache is not None:
             k, v = (t.to(q.dtype) for t in inputs.cache(k, v))
+        gqa = self.kv_heads != self.n_heads
         if inputs.mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif isinstance(inputs.mask, BlockMask):  # packed documents on CUDA: masked tiles are skipped
-            out = flex(q, k, v, inputs.mask)
+            out = flex(q, k, v, inputs.mask, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, enable_gqa=gqa)
         out = route.sort(rearrange(out, "b h t d -> (b t) (h d)"))
         return self.out(out, route)
 

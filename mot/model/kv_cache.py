@@ -67,7 +67,7 @@ class KVCache:
         cfg, weight = model.cfg, model.embed.weight
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a cache of {max_len} tokens exceeds model.max_seq_len ({cfg.max_seq_len})")
-        return cls(cfg.n_layers, batch, max_len, cfg.n_heads, cfg.head_dim, weight.dtype, weight.device)
+        return cls(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim, weight.dtype, weight.device)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer the decode step writes (to mark as static addresses for CUDA graphs)."""

@@ -36,15 +36,16 @@ def _create(mask_mod, batch: int, seq_len: int, device: torch.device) -> BlockMa
     return create(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
-def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool = False
+         ) -> torch.Tensor:
     global _compiled_flex
     if not q.is_cuda:  # the eager reference (materialises the scores): for tests on the CPU
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return flex_attention(q, k, v, block_mask=block_mask)
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def mixed_mask(document_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:

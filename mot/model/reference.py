@@ -66,6 +66,18 @@ def _rms_norm(x, weight, eps, masks):
     return _per_modality(x, masks, norm, weight.shape[-1])
 
 
+def _head_layer_norm(x, module, masks):
+    """(N, H, D) rows: LayerNorm statistics per head, then the tower's per-head gain and bias."""
+
+    def norm(rows, i):
+        wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        centred = wide - wide.mean(-1, keepdim=True)
+        scaled = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps)
+        return (scaled * _tower(module.weight, i) + _tower(module.bias, i)).to(rows.dtype)
+
+    return _per_modality(x, masks, norm, x.shape[-1])
+
+
 def _rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """(B, T, H, D), dims i and i + D/2 form one complex pair rotated by position * theta^(-2i/D)."""
     half = x.shape[-1] // 2
@@ -77,7 +89,9 @@ def _rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
 
 
 def _attention(q, k, v, fast: bool) -> torch.Tensor:
-    """(B, H, T, D) causal attention."""
+    """(B, H, T, D) causal attention; keys and values of fewer heads are shared by groups of query heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if fast:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     seq = q.shape[-2]
@@ -88,13 +102,15 @@ def _attention(q, k, v, fast: bool) -> torch.Tensor:
 
 
 def _attention_sublayer(attn, h, masks, cfg, batch, seq_len, positions, fast, rope):
-    n_rows, heads, head_dim = h.shape[0], cfg.n_heads, cfg.head_dim
-    q, k, v = _project(attn.qkv, h, masks, cfg, "attn").split(cfg.dim, dim=-1)
-    q, k, v = (t.reshape(n_rows, heads, head_dim) for t in (q, k, v))
-    if attn.q_norm is not None:
+    n_rows, head_dim = h.shape[0], cfg.head_dim
+    q, k, v = _project(attn.qkv, h, masks, cfg, "attn").split([cfg.dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+    q, k, v = (t.reshape(n_rows, -1, head_dim) for t in (q, k, v))
+    if attn.q_norm is not None and cfg.qk_norm_type == "layernorm_per_head":
+        q, k = _head_layer_norm(q, attn.q_norm, masks), _head_layer_norm(k, attn.k_norm, masks)
+    elif attn.q_norm is not None:
         q = _rms_norm(q, attn.q_norm.weight, cfg.norm_eps, masks)
         k = _rms_norm(k, attn.k_norm.weight, cfg.norm_eps, masks)
-    q, k, v = (t.reshape(batch, seq_len, heads, head_dim) for t in (q, k, v))
+    q, k, v = (t.reshape(batch, seq_len, -1, head_dim) for t in (q, k, v))
     if fast:
         cos, sin = rope(seq_len, None)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -235,3 +235,26 @@ class TowerRMSNorm(nn.Module):
         gain = route.expand(self.weight).to(dtype)
         gain = gain.view(gain.shape[0], *([1] * (x.dim() - 2)), gain.shape[-1])
         return (normed * gain).type_as(x)
+
+
+class TowerHeadLayerNorm(nn.Module):
+    """LayerNorm over the last dimension of (N, H, D) rows with a gain and a bias for every tower and head.
+
+    Chameleon's q/k norm: statistics per head, then the head's own affine (its model-parallel shards each kept
+    their own); eps is fixed at 1e-5 as in its code.
+    """
+
+    eps = 1e-5
+
+    def __init__(self, n_towers: int, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_towers, heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_towers, heads, head_dim))
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        normed = F.layer_norm(x.to(dtype), x.shape[-1:], None, None, self.eps)
+        if self.weight.shape[0] == 1:
+            return (normed * self.weight[0].to(dtype) + self.bias[0].to(dtype)).type_as(x)
+        per_row = lambda p: route.expand(p.flatten(1)).view(-1, *p.shape[1:]).to(dtype)
+        return (normed * per_row(self.weight) + per_row(self.bias)).type_as(x)

@@ -18,7 +18,7 @@ from mot.model.kv_cache import KVCache, LayerWrite
 from mot.model.latent_io import LatentProjection
 from mot.model.pattention import TowerPattention
 from mot.model.rope import RotaryEmbedding
-from mot.model.routing import Route, TowerLinear, TowerRMSNorm, route_tokens
+from mot.model.routing import Route, TowerHeadLayerNorm, TowerLinear, TowerRMSNorm, route_tokens
 from mot.vocab import UnifiedVocab
 
 
@@ -59,8 +59,10 @@ class MoTTransformer(nn.Module):
             for linear in (block.attn.out, block.ffn.w2):
                 nn.init.normal_(linear.weight, std=out_std)
         for module in self.modules():
-            if isinstance(module, TowerRMSNorm):
+            if isinstance(module, TowerRMSNorm | TowerHeadLayerNorm):
                 nn.init.ones_(module.weight)
+            if isinstance(module, TowerHeadLayerNorm):
+                nn.init.zeros_(module.bias)
         for projection in self.latent_io.values():
             projection.reset_parameters(std)
 
@@ -244,8 +246,10 @@ class MoTTransformer(nn.Module):
         """The slices of every untied parameter that belong to one tower (for inspection and tests)."""
         out = {}
         for name, module in self.named_modules():
-            if isinstance(module, TowerLinear | TowerRMSNorm) and module.weight.shape[0] > 1:
+            if isinstance(module, TowerLinear | TowerRMSNorm | TowerHeadLayerNorm) and module.weight.shape[0] > 1:
                 out[f"{name}.weight"] = module.weight[tower]
+            if isinstance(module, TowerHeadLayerNorm) and module.weight.shape[0] > 1:
+                out[f"{name}.bias"] = module.bias[tower]
             if isinstance(module, TowerPattention) and module.keys.shape[0] > 1:
                 out[f"{name}.keys"], out[f"{name}.values"] = module.keys[tower], module.values[tower]
         return out

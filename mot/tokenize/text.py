@@ -16,6 +16,7 @@ documents are data and must not be able to open an image span.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -30,6 +31,9 @@ from mot.vocab import SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
+# Optional, next to tokenizer.json: {"ids": [the file's id of local id 0, of 1, ...]}. An imported vocabulary
+# (Chameleon's) whose text ids are not 0..n-1 in the file: the file stays as it was released.
+ID_MAP_FILE = "id_map.json"
 BYTE_ALPHABET = 256  # the byte-level pre-tokenizer's symbols; a smaller vocabulary cannot cover all text
 
 
@@ -52,7 +56,7 @@ def load_text_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
 class TextTokenizer:
     modality = "text"
 
-    def __init__(self, tokenizer: Tokenizer, source: str = "<in memory>"):
+    def __init__(self, tokenizer: Tokenizer, source: str = "<in memory>", file_ids: list[int] | None = None):
         self._tok = tokenizer
         self.source = source  # where it was loaded from, for error messages
         # Special tokens stay in the input as text. Not stored in tokenizer.json, so set on every construction.
@@ -64,6 +68,11 @@ class TextTokenizer:
         while size - 1 in special:
             size -= 1
         self._vocab_size = size
+        self._file_ids = None if file_ids is None else torch.tensor(file_ids, dtype=torch.long)
+        if self._file_ids is not None:  # local id -> file id, and back (-1: no local id)
+            self._vocab_size = len(file_ids)
+            self._local = torch.full((self._n_ids,), -1, dtype=torch.long)
+            self._local[self._file_ids] = torch.arange(len(file_ids))
 
     # ------------------------------------------------------------ construction
 
@@ -104,7 +113,9 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(file))
         except Exception as err:  # tokenizers raises a bare Exception for bad JSON and bad schema alike
             raise TokenizerError(f"{file}: not a valid tokenizer.json: {err}") from None
-        return cls(tok, str(file))
+        id_map = file.parent / ID_MAP_FILE
+        file_ids = json.loads(id_map.read_text())["ids"] if id_map.is_file() else None
+        return cls(tok, str(file), file_ids)
 
     def save(self, folder: str | Path) -> None:
         """Write folder/tokenizer.json atomically (temp file, then rename)."""
@@ -114,6 +125,8 @@ class TextTokenizer:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self._tok.to_str(pretty=True))
+            if self._file_ids is not None:
+                (folder / ID_MAP_FILE).write_text(json.dumps({"ids": self._file_ids.tolist()}))
             os.replace(tmp, folder / TOKENIZER_FILE)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -121,10 +134,22 @@ class TextTokenizer:
 
     # pickling (prepare's worker processes): the Rust object loses encode_special_tokens, so rebuild from JSON
     def __getstate__(self) -> dict:
-        return {"json": self._tok.to_str(), "source": self.source}
+        ids = None if self._file_ids is None else self._file_ids.tolist()
+        return {"json": self._tok.to_str(), "source": self.source, "file_ids": ids}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(Tokenizer.from_str(state["json"]), state["source"])
+        self.__init__(Tokenizer.from_str(state["json"]), state["source"], state.get("file_ids"))
+
+    def _to_local(self, ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor(ids, dtype=torch.long)
+        if self._file_ids is None:
+            return ids
+        local = self._local[ids]
+        if (local < 0).any():
+            bad = self._tok.id_to_token(int(ids[local < 0][0]))
+            raise TokenizerError(f"text tokenizer ({self.source}): the text encodes to {bad!r}, which is not a "
+                                 f"text id of this vocabulary ({ID_MAP_FILE})")
+        return local
 
     # ------------------------------------------------------------ protocol
 
@@ -137,24 +162,27 @@ class TextTokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"text tokenizer ({self.source}): expected a str, got {type(text).__name__}")
         # add_special_tokens=False: no post-processor BOS/EOS (a loaded tokenizer may have one).
-        return torch.tensor(self._tok.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+        return self._to_local(self._tok.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: list[str]) -> list[torch.Tensor]:
         """Like `encode` on each text, with the library's thread pool."""
         if self._tok.padding is not None:  # a loaded tokenizer.json may pad a batch to its longest text
             return [self.encode(text) for text in texts]
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
+        return [self._to_local(e.ids) for e in encodings]
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() != 1:
             raise TokenizerError(f"text tokenizer ({self.source}): decode takes 1-D ids, got shape {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._n_ids):
+        n_ids = self._n_ids if self._file_ids is None else len(self._file_ids)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_ids):
             raise TokenizerError(
-                f"text tokenizer ({self.source}): ids must be in 0..{self._n_ids - 1}, "
+                f"text tokenizer ({self.source}): ids must be in 0..{n_ids - 1}, "
                 f"got {int(ids.min())}..{int(ids.max())}"
             )
+        if self._file_ids is not None:
+            ids = self._file_ids[ids]
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)
 
     # ------------------------------------------------------------ standalone use

@@ -1,0 +1,1 @@
+"""Weights and vocabularies from outside the project: Hugging Face Chameleon checkpoints."""
