@@ -243,6 +243,9 @@ def test_imported_text_tokenizer_speaks_mots_ids(tmp_path):
     assert int(ids.max()) < model.vocab["text"].stop  # mot's text range
     assert table[ids].tolist() == theirs.encode(text).ids
     assert ours.decode(ids) == theirs.decode(theirs.encode(text).ids)
+    import pickle  # prepare's worker processes get the tokenizer pickled
+
+    assert torch.equal(pickle.loads(pickle.dumps(ours)).encode(text), ids)
     export_hf(tmp_path / "run", tmp_path / "hf2")
     assert (tmp_path / "hf2" / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
 
@@ -280,3 +283,21 @@ def test_import_and_export_commands(tmp_path, capsys):
     assert ChameleonConfig.from_pretrained(tmp_path / "hf2").num_hidden_layers == 2
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2  # never overwrites
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_imported_image_tokenizer_gives_chameleons_codes(tmp_path):
+    from mot.tokenize.base import TokenizerError
+    from mot.tokenize.load import load_tokenizer
+
+    hf, model, table = imported(tmp_path, gqa=False, swin=False)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    tokenizer = load_tokenizer("image", tmp_path / "run" / "tokenizers" / "image")
+    codes = tokenizer.encode(images)  # [0, 1] images; Chameleon's processor gives the VQVAE [-1, 1]
+    with torch.no_grad():
+        theirs = hf.model.vqmodel.encode(images * 2 - 1).image_tokens.view(3, -1)
+        bpe = hf.model.get_image_tokens(images * 2 - 1)
+    assert codes.shape == (3, 16 * 16) and len(set(codes.flatten().tolist())) > 4
+    assert torch.equal(codes, theirs)
+    assert torch.equal(table[model.vocab["image"].start + codes], bpe.long())  # the same ids in the sequence
+    with pytest.raises(TokenizerError, match="no decoder"):
+        tokenizer.decode(codes[0])

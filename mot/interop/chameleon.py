@@ -12,7 +12,8 @@ no Chameleon counterpart get zero rows.
 
 Only safetensors and JSON are read: transformers is not needed here (the tests use it as the reference).
 The VQVAE's tensors are kept as they are in the run folder (`chameleon_vqvae.safetensors`) and written back
-on export.
+on export; its encoder and quantizer also become the run's image tokenizer (tokenizers/image, taming format,
+without a decoder: transformers ships none).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from mot.config import (
     config_to_dict,
 )
 from mot.interop.chameleon_vocab import ChameleonVocab, identity_vocab
+from mot.tokenize.base import TokenizerError
+from mot.tokenize.image import ImageTokenizer, VQGANConfig
 from mot.tokenize.text import ID_MAP_FILE
 from mot.train import checkpoint as ckpt
 from mot.vocab import UnifiedVocab
@@ -98,6 +101,29 @@ def model_config_from_hf(config: dict, vocab: ChameleonVocab) -> ModelConfig:
         init_std=config.get("initializer_range", 0.02),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def image_tokenizer_from_hf(config: dict, hf: dict[str, Tensor]) -> ImageTokenizer:
+    """Chameleon's VQVAE (encoder, quantizer) as mot's taming-format image tokenizer, without a decoder.
+
+    transformers names the VQVAE's modules as taming does (encoder.down.0.block.0.norm1, quantize.embedding,
+    quant_conv), so the tensors load under `model.vqmodel.` stripped."""
+    vq = config.get("vq_config") or {}
+    if vq.get("attn_type", "vanilla") != "vanilla":
+        raise ChameleonImportError(f"vq_config.attn_type = {vq['attn_type']!r}: taming's encoder has vanilla attention")
+    vqgan = VQGANConfig(
+        resolution=vq.get("resolution", 512), in_channels=vq.get("in_channels", 3), ch=vq.get("base_channels", 128),
+        ch_mult=list(vq.get("channel_multiplier", [1, 1, 2, 2, 4])), num_res_blocks=vq.get("num_res_blocks", 2),
+        attn_resolutions=list(vq.get("attn_resolutions") or []), z_channels=vq.get("latent_channels", 256),
+        double_z=vq.get("double_latent", False), dropout=vq.get("dropout", 0.0),
+        n_embed=vq.get("num_embeddings", 8192), embed_dim=vq.get("embed_dim", 256), has_decoder=False)
+    try:
+        tokenizer = ImageTokenizer(vqgan)
+    except TokenizerError as err:
+        raise ChameleonImportError(f"config.json vq_config: {err}") from None
+    state = {k[len(VQVAE_PREFIX):]: v.float() for k, v in hf.items() if k.startswith(VQVAE_PREFIX)}
+    tokenizer.load_weights(state, Path("config.json vq_config"))
+    return tokenizer.eval()
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
@@ -219,11 +245,13 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
                            where=f"{folder}/config.json")  # checked before anything is written
     meta = {"config": config_to_dict(cfg), "tokenizers": "", "operation": "import-hf", "derived_from": str(folder),
             "weights_only": True, "tokens_seen": 0, "flops_seen": 0.0}
+    vqvae = {k: v.contiguous() for k, v in hf.items() if k.startswith(VQVAE_PREFIX)}
+    image_tokenizer = image_tokenizer_from_hf(config, hf) if vqvae else None  # fails before anything is written
     path = ckpt.save_checkpoint(out / "checkpoints", 0, state, {}, meta, keep=1)
     (out / VOCAB_FILE).write_text(json.dumps({"mapping": vocab.to_dict(), "hf_config": config}))
-    vqvae = {k: v.contiguous() for k, v in hf.items() if k.startswith(VQVAE_PREFIX)}
-    if vqvae:
+    if vqvae:  # kept as released (export writes them back), and as mot's image tokenizer (encoder only)
         save_file(vqvae, str(out / VQVAE_FILE))
+        image_tokenizer.save(out / "tokenizers" / "image")
     if (folder / "tokenizer.json").is_file():  # Chameleon's file as released, with mot's text ids beside it
         text = out / "tokenizers" / "text"
         text.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,9 @@ class VQGANConfig:
     # "center_crop" scales the shorter side and crops the centre (taming's and Chameleon's), "pad" fits the
     # whole image on white.
     preprocess: Literal["center_crop", "pad"] = "center_crop"
+    # false: encoder and quantizer only (Chameleon's VQVAE as transformers ships it, `mot import-hf`); images
+    # encode to codes, decoding them raises until a taming checkpoint of the same VQGAN supplies the decoder.
+    has_decoder: bool = True
     # --- training (mot.tokenize.vqgan_train)
     seed: int = 0
     steps: int = 1000
@@ -139,7 +142,7 @@ class ImageTokenizer(nn.Module):
         self.config = config.check()
         with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints the z shape
             self.encoder = Encoder(**config.ddconfig())
-            self.decoder = Decoder(**config.ddconfig())
+            self.decoder = Decoder(**config.ddconfig()) if config.has_decoder else None
         self.quantize = VectorQuantizer2(config.n_embed, config.embed_dim, beta=config.beta, legacy=config.legacy_beta)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
@@ -182,6 +185,10 @@ class ImageTokenizer(nn.Module):
         return z_q, codebook_loss, codes.view(x.shape[0], -1)  # VectorQuantizer2 flattens b h w row-major
 
     def _decode_quantized(self, z_q: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise TokenizerError("this VQGAN has no decoder (has_decoder = false: an encoder-only import such as "
+                                 "Chameleon's VQVAE); load the taming checkpoint of the same VQGAN "
+                                 "(ImageTokenizer.from_taming) to turn codes into images")
         return self.decoder(self.post_quant_conv(z_q))
 
     # -- the protocol, on [0, 1] images

@@ -270,6 +270,8 @@ def train_vqgan(config: VQGANConfig, images, out_folder: str | Path, show_progre
     return the metrics: mean loss / PSNR of the last 10 steps, codebook usage of the last 50
     steps' codes, per-step history, and `eval` (see `evaluate`) when `eval_images` are given."""
     config.check()
+    if not config.has_decoder:
+        raise TokenizerError("has_decoder = false: a VQGAN is trained with its decoder; set has_decoder = true")
     data = _as_dataset(images, config.resolution)
     lpips = LPIPS(config.perceptual).to(device) if config.perceptual else None  # a bad path fails before work
     generator = torch.Generator().manual_seed(config.seed)
