@@ -202,6 +202,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     tensorboard: bool = True
     peak_tflops: float = 0.0  # per-device dense bf16 peak for MFU; 0 = look up the GPU, none on CPU
+    # Parts that training leaves bit for bit as they are (mot/train/freeze.py): "tower:NAME" (a modality's own
+    # towers), "embed:NAME" (its embedding and head rows), or parameter-name patterns ("blocks.0.*").
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +276,10 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if t.lr <= 0:
         fail("train.lr", f"must be positive, got {t.lr}")
+    for entry in t.freeze:
+        kind, colon, name = entry.partition(":")
+        if colon and kind in ("tower", "embed") and name not in names:
+            fail("train.freeze", f"entry {entry!r} names no modality; have {names}")
     if not 0 <= t.min_lr_ratio <= 1:
         fail("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps > t.steps:

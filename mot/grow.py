@@ -29,12 +29,11 @@ import torch
 from mot.config import UNTIE_CHOICES, ConfigError, ModalityConfig, RunConfig, config_from_dict, config_to_dict
 from mot.model import MoTTransformer
 from mot.model.pattention import TowerPattention
-from mot.model.routing import TowerHeadLayerNorm, TowerLinear, TowerRMSNorm
 from mot.train import checkpoint as ckpt
+from mot.train.freeze import TOWER_MODULES
 from mot.vocab import UnifiedVocab
 
 Tensor = torch.Tensor
-TOWER_MODULES = (TowerLinear, TowerRMSNorm, TowerHeadLayerNorm, TowerPattention)
 
 
 class GrowError(ConfigError):

@@ -34,3 +34,18 @@ def randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def reset_accelerator() -> None:
+    """accelerate keeps one process-wide state and refuses a second precision in one process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """For tests that train in bf16 (the others train in fp32): a clean accelerate state before and after."""
+    reset_accelerator()
+    yield
+    reset_accelerator()

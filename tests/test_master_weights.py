@@ -18,7 +18,7 @@ from mot.objectives.ar import next_token_loss
 from mot.train.master_weights import MasterWeightAdamW, compute_weight_names
 from mot.train.optim import build_optimizer, clip_gradients, parameter_groups
 from mot.train.trainer import Trainer, train
-from tests.conftest import tiny_config
+from tests.conftest import reset_accelerator, tiny_config
 from tests.runs import make_shards, run_config
 
 
@@ -27,19 +27,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def _reset_accelerator() -> None:
-    """accelerate keeps one process-wide state and refuses a second precision: these tests use bf16, the
-    others fp32."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    _reset_accelerator()
-    yield
-    _reset_accelerator()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # these tests use bf16, the others fp32
 
 
 class _Tiny(nn.Module):
@@ -184,7 +172,7 @@ def test_trainer_resumes_exactly_and_checkpoints_fp32_masters(shards, tmp_path):
 def test_master_weights_need_bf16_and_one_process(shards, tmp_path):
     with pytest.raises(ConfigError, match="train.master_weights needs bf16"):
         Trainer(run_config(shards, tmp_path / "a", master_weights=True, precision="auto"), progress=False)
-    _reset_accelerator()
+    reset_accelerator()
     auto = Trainer(run_config(shards, tmp_path / "b", precision="bf16"), progress=False)
     assert not auto.master_weights  # "auto": CUDA only
 

@@ -10,6 +10,7 @@ from torch import nn
 from mot.config import TrainConfig
 from mot.model.pattention import TowerPattention
 from mot.model.routing import TowerLinear
+from mot.train.freeze import Freezer
 from mot.train.master_weights import MasterWeightAdamW
 
 
@@ -30,12 +31,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True,
-                    master_weights: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True, master_weights: bool = False,
+                    freezer: Freezer | None = None) -> torch.optim.Optimizer:
     """fused: one kernel for all parameters (CPU and CUDA, plain tensors or FSDP's DTensors); the multi-tensor
     path otherwise. master_weights: the model's matmul weights become bf16 and the optimizer keeps their fp32
-    masters (mot/train/master_weights.py); fused is then implied."""
+    masters (mot/train/master_weights.py); fused is then implied. freezer: `train.freeze` (its frozen
+    parameters are in no group; partly frozen ones get groups whose decay it applies itself)."""
     groups = parameter_groups(model, cfg.weight_decay)
+    if freezer is not None:
+        groups = freezer.take_weight_decay(groups)
     if master_weights:
         return MasterWeightAdamW(model, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -34,6 +34,7 @@ from mot.objectives.latents import LatentBatch, LatentBatcher, load_codecs
 from mot.train import checkpoint as ckpt
 from mot.train.data import RankSlice, build_loaders, ensure_prepared
 from mot.train.errors import NonFiniteError
+from mot.train.freeze import Freezer
 from mot.train.metrics_log import MetricsLog, plot_loss_curves
 from mot.train.optim import build_optimizer, build_scheduler, clip_gradients
 from mot.train.sharding import keep_gathered
@@ -183,6 +184,8 @@ class Trainer:
             if acc.is_main_process:
                 print(f"mot: weights from {init_from} ({meta.get('operation', 'trained')}); "
                       "fresh optimizer, schedule and data order")
+        # Before any wrapping renames the parameters; a bad entry fails here, before the loaders start.
+        self.freezer = Freezer(cfg.model, model, cfg.train.freeze) if cfg.train.freeze else None
         self.vocab, self.names = model.vocab, [m.name for m in cfg.model.modalities]
         self.loss_weights = torch.tensor([m.loss_weight for m in cfg.model.modalities], device=acc.device)
         # Diffusion modalities (Transfusion setting): image spans become noised latent tokens.
@@ -203,7 +206,10 @@ class Trainer:
         self.sharded = cfg.train.distributed == "fsdp" and acc.num_processes > 1
         self.master_weights = _master_weights(cfg, acc, where)
         # fused, also over FSDP's DTensors; with master weights the matmul weights become bf16 here
-        optimizer = build_optimizer(model, cfg.train, master_weights=self.master_weights)
+        if self.freezer is not None and self.sharded:
+            raise ConfigError(f"{where}: train.freeze is not supported with train.distributed = 'fsdp' yet "
+                              "(frozen rows of sharded gradients); use 'ddp'")
+        optimizer = build_optimizer(model, cfg.train, master_weights=self.master_weights, freezer=self.freezer)
         if self.master_weights and self.accum > 1:  # the blocks' GEMMs add into the fp32 gradient sums themselves
             optimizer.accumulate_in_backward(model)
         self.scheduler = build_scheduler(optimizer, cfg.train)
@@ -337,6 +343,8 @@ class Trainer:
                 self.optimizer.optimizer.stash_gradients()  # fp32 sums of the other bf16 gradients
             loss_sum += micro_sum.detach()
             count += micro_count
+        if self.freezer is not None:  # before the norm: it is the trainable part's
+            self.freezer.mask_gradients(self.optimizer.optimizer)
         clip = self.cfg.train.grad_clip or math.inf
         if self.sharded:  # DTensor gradients: accelerate's DTensor-aware clip
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
@@ -441,6 +449,8 @@ class Trainer:
                 loss_sum, count, weighted, grad_norm = self.train_step()
                 problem = self._non_finite(loss_sum, count, grad_norm)
                 if problem is None:
+                    if self.freezer is not None:
+                        self.freezer.decay(self.optimizer.optimizer)
                     self.optimizer.step()
                     self.skipped_in_row = 0
                 else:
