@@ -301,3 +301,43 @@ def test_imported_image_tokenizer_gives_chameleons_codes(tmp_path):
     assert torch.equal(table[model.vocab["image"].start + codes], bpe.long())  # the same ids in the sequence
     with pytest.raises(TokenizerError, match="no decoder"):
         tokenizer.decode(codes[0])
+
+
+def test_the_released_taming_vqgan_adds_the_decoder(tmp_path):
+    """--vqgan: the taming checkpoint of the same VQGAN (Chameleon ships one) supplies the decoder; a VQGAN
+    whose encoder differs from the VQVAE's is refused."""
+    import dataclasses
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from mot.interop.chameleon import image_tokenizer_from_hf, read_hf_folder
+    from mot.tokenize.image import ImageTokenizer
+    from mot.tokenize.load import load_tokenizer
+
+    hf = hf_model(gqa=False, swin=False)
+    hf.save_pretrained(tmp_path / "hf")
+    encoder_only = image_tokenizer_from_hf(*read_hf_folder(tmp_path / "hf"))
+    torch.manual_seed(6)
+    full = ImageTokenizer(dataclasses.replace(encoder_only.config, has_decoder=True))
+    full.load_state_dict(encoder_only.state_dict(), strict=False)  # the same encoder; a random decoder
+    c = full.config
+    ddconfig = dict(double_z=False, z_channels=c.z_channels, resolution=c.resolution, in_channels=3, out_ch=3,
+                    ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, attn_resolutions=[], dropout=0.0)
+    params = dict(embed_dim=c.embed_dim, n_embed=c.n_embed, ddconfig=ddconfig)
+    (tmp_path / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel",
+                                                                    "params": params}}))
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "vqgan.safetensors"))
+    import_hf(tmp_path / "hf", tmp_path / "run", vqgan=(tmp_path / "vqgan.safetensors", tmp_path / "vqgan.yaml"))
+    tokenizer = load_tokenizer("image", tmp_path / "run" / "tokenizers" / "image")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    codes = tokenizer.encode(images)
+    with torch.no_grad():
+        assert torch.equal(codes, hf.model.vqmodel.encode(images * 2 - 1).image_tokens.view(2, -1))
+        torch.testing.assert_close(tokenizer.decode(codes), full.decode(codes), rtol=0, atol=0)
+    with torch.no_grad():
+        full.encoder.conv_in.weight.add_(0.01)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ChameleonImportError, match="encoder.conv_in.weight differs"):
+        import_hf(tmp_path / "hf", tmp_path / "run2", vqgan=(tmp_path / "other.safetensors", tmp_path / "vqgan.yaml"))
+    assert not (tmp_path / "run2").exists()  # refused before anything is written

@@ -126,6 +126,18 @@ def image_tokenizer_from_hf(config: dict, hf: dict[str, Tensor]) -> ImageTokeniz
     return tokenizer.eval()
 
 
+def with_taming_decoder(encoder_only: ImageTokenizer, ckpt_path: Path, yaml_path: Path) -> ImageTokenizer:
+    """The taming checkpoint of the same VQGAN (Chameleon's release ships one), which has the decoder; its
+    encoder and codebook must equal the VQVAE's, tensor for tensor."""
+    full = ImageTokenizer.from_taming(ckpt_path, yaml_path)
+    ours, theirs = encoder_only.state_dict(), full.state_dict()
+    for name, tensor in ours.items():
+        if name not in theirs or theirs[name].shape != tensor.shape or not torch.equal(theirs[name].float(), tensor):
+            raise ChameleonImportError(f"{ckpt_path}: not the VQGAN of this Chameleon checkpoint ({name} differs "
+                                       "from the VQVAE's)")
+    return full
+
+
 def _check_exportable(cfg: ModelConfig) -> None:
     names = [m.name for m in cfg.modalities]
     problems = []
@@ -228,8 +240,12 @@ def state_to_hf(state: dict[str, Tensor], cfg: ModelConfig, table: Tensor, hf_si
     return {k: v.contiguous() for k, v in hf.items()}
 
 
-def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write OUT as a mot run folder holding the Chameleon model of FOLDER; returns its checkpoint."""
+def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
+              vqgan: tuple[str | Path, str | Path] | None = None) -> Path:
+    """Write OUT as a mot run folder holding the Chameleon model of FOLDER; returns its checkpoint.
+
+    vqgan: (checkpoint, YAML) of the taming-format VQGAN released with the model: the image tokenizer then has
+    its decoder (checked to be the same VQGAN)."""
     folder, out = Path(folder), Path(out)
     if ckpt.list_checkpoints(out / "checkpoints"):
         raise ChameleonImportError(f"--out {out}: already holds checkpoints; choose a new folder")
@@ -247,6 +263,10 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
             "weights_only": True, "tokens_seen": 0, "flops_seen": 0.0}
     vqvae = {k: v.contiguous() for k, v in hf.items() if k.startswith(VQVAE_PREFIX)}
     image_tokenizer = image_tokenizer_from_hf(config, hf) if vqvae else None  # fails before anything is written
+    if vqgan is not None:
+        if image_tokenizer is None:
+            raise ChameleonImportError(f"{folder}: no VQVAE tensors (model.vqmodel.*) to check --vqgan against")
+        image_tokenizer = with_taming_decoder(image_tokenizer, Path(vqgan[0]), Path(vqgan[1]))
     path = ckpt.save_checkpoint(out / "checkpoints", 0, state, {}, meta, keep=1)
     (out / VOCAB_FILE).write_text(json.dumps({"mapping": vocab.to_dict(), "hf_config": config}))
     if vqvae:  # kept as released (export writes them back), and as mot's image tokenizer (encoder only)
