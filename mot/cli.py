@@ -6,6 +6,7 @@
     mot demo-data | tokenizer train|encode|decode | prepare   (see mot/data_commands.py)
     mot grow | upcycle | add-modality CKPT ... --out DIR     (see mot/grow_cli.py)
     mot import-hf CHAMELEON_FOLDER --out RUN | export-hf RUN --out FOLDER   (see mot/interop/cli.py)
+    mot serve --ckpt RUN [--port 8000]                        (see mot/serve/cli.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mot.flops import SizeReport, dense_baseline, size_report
 from mot.generate.cli import add_commands as add_generate_commands
 from mot.grow_cli import add_commands as add_grow_commands
 from mot.interop.cli import add_commands as add_interop_commands
+from mot.serve.cli import add_commands as add_serve_commands
 from mot.tokenize.base import TokenizerError
 from mot.train.checkpoint import CheckpointError
 from mot.train.errors import NonFiniteError
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_commands(sub)
     add_grow_commands(sub)
     add_interop_commands(sub)
+    add_serve_commands(sub)
 
     p = sub.add_parser("train", help="train a recipe (default: the demo recipe)")
     p.add_argument("recipe", nargs="?", default=None, help=f"TOML recipe (default {DEMO_RECIPE.name})")

@@ -11,7 +11,6 @@ decoded by the VQGAN's decoder through the modality's `LatentCodec`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from mot.data.demo import COLOURS, PHRASES, SHAPES, caption_of
 from mot.generate.diffusion import load_span_codecs
 from mot.generate.loop import Generation, GenerationConfig, generate
 from mot.generate.prompt import build_prompt, image_grid_of, load_tokenizers
+from mot.generate.session import GenerationRequest, Session
 from mot.generate.spans import split_spans
 from mot.model.transformer import MoTTransformer
 
@@ -86,7 +86,7 @@ def colour_match(model: MoTTransformer, tokenizers: dict[str, Any], per_colour: 
 
 def write_demo_samples(run_dir: str | Path, per_colour: int = 8, guidance_scale: float = 3.0) -> dict[str, Any]:
     """The demo run's samples: colour-match score and grid, and an HTML page of a few prompts."""
-    from mot.generate.cli import add_arguments, run
+    from mot.generate.page import generate_page  # torchvision and soundfile: only when writing pages
     from mot.train.checkpoint import load_for_inference
 
     run_dir = Path(run_dir)
@@ -98,17 +98,15 @@ def write_demo_samples(run_dir: str | Path, per_colour: int = 8, guidance_scale:
     report = colour_match(model, tokenizers, per_colour, guidance_scale, out_dir=out, codecs=codecs)
     (out / "colour_match.json").write_text(json.dumps(report, indent=1))
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    session = Session(model, tokenizer_folder)
     pages = []
-    for name, extra in (("text_to_image", ["--prompt", "a green square on the left and a red circle on the right",
-                                           "--then", "image", "--guidance-scale", str(guidance_scale)]),
-                        ("speech", ["--prompt", "a blue triangle at the top", "--then", "speech",
-                                    "--speech-max-tokens", "100"]),
-                        ("free", ["--prompt", "", "--max-tokens", "200"])):
-        args = parser.parse_args(["--ckpt", str(run_dir), "--out", str(out / f"{name}.html"), "--samples", "2",
-                                  "--max-tokens", "120", *extra])
-        pages.append(str(run(args, model, tokenizer_folder)[0]))  # the page comes first
+    for name, request in (("text_to_image", GenerationRequest(
+                              prompt="a green square on the left and a red circle on the right", then="image",
+                              guidance_scale=guidance_scale, max_tokens=120, samples=2)),
+                          ("speech", GenerationRequest(prompt="a blue triangle at the top", then="speech",
+                                                       speech_max_tokens=100, max_tokens=120, samples=2)),
+                          ("free", GenerationRequest(prompt="", max_tokens=200, samples=2))):
+        pages.append(str(generate_page(session, request, out / f"{name}.html", run_dir)[0]))  # the page first
     report["pages"] = pages
     report["grid"] = str(out / "colour_grid.png")
     return report

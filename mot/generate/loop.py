@@ -39,6 +39,7 @@ rest of their prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -352,12 +353,14 @@ def generate(
     config: GenerationConfig,
     decoder: CachedDecoder | None = None,
     prompt_latents: list[list[torch.Tensor]] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Continue every prompt (unified ids) by up to config.max_new_tokens tokens, all in one batch.
 
     prompt_latents: under a diffusion image modality, per prompt the clean latent tokens (n, token_dim) of each
     of its image spans, in order (each span in the ids: <boi>, n placeholder ids, <eoi>; see
-    mot.generate.prompt.latent_prompt)."""
+    mot.generate.prompt.latent_prompt). on_token(sample, id): called with every sampled id as it is chosen
+    (streaming; a diffusion span's placeholders are not reported, its picture comes with the result)."""
     config.check()
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token (<bod>)")
@@ -409,6 +412,8 @@ def generate(
                     feed[n + i] = rows.feed(n + i, rows.pad, False)
                 continue
             out[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
             states[i] = rules.advance(before, token)
             feed[i] = rows.feed(i, token, True)
             if config.guided:

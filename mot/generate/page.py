@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torchvision.utils import save_image
 from mot.data.encode import vocab_layout
 from mot.generate.loop import Generation
 from mot.generate.prompt import image_grid_of, sample_rate_of
+from mot.generate.session import GenerationRequest, Session
 from mot.generate.spans import Span, open_span_start, split_spans
 from mot.vocab import UnifiedVocab
 
@@ -152,3 +154,21 @@ def write_page(
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=1, default=str))
     return [out, json_path, *render.files]
+
+
+def generate_page(session: Session, request: GenerationRequest, out: str | Path, ckpt: str | Path) -> list[Path]:
+    """Generate `request` with `session` and write the page (the `mot generate` command); prints the rate."""
+    start = time.perf_counter()
+    results = session.generate(request)
+    seconds = time.perf_counter() - start
+    new = sum(len(r.tokens) for r in results)
+    print(f"generated {new} tokens in {seconds:.1f} s ({new / seconds:.1f} tokens/s) on {session.device}")
+    config = session.config(request)
+    settings = {"ckpt": str(ckpt), "prompt": request.prompt, "image": request.image, "audio": request.audio,
+                "then": request.then, "temperature": request.temperature, "top_k": request.top_k,
+                "top_p": request.top_p, "seed": request.seed, "max_tokens": request.max_tokens,
+                "guidance_scale": request.guidance_scale, "samples": request.samples,
+                "image_tokens": config.image_tokens, "speech_max_tokens": config.speech_max_tokens}
+    if session.codecs:
+        settings.update(diffusion_steps=config.diffusion_steps, diffusion_eta=config.diffusion_eta)
+    return write_page(out, session.vocab, session.tokenizers, results, settings, session.codecs)

@@ -1,0 +1,1 @@
+"""`mot serve`: a local web page that streams a checkpoint's generations (mot/serve/app.py)."""
