@@ -276,6 +276,8 @@ def _check_semantics(cfg: RunConfig, where: str) -> None:
         fail("train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if t.lr <= 0:
         fail("train.lr", f"must be positive, got {t.lr}")
+    if t.eps <= 0:
+        fail("train.eps", f"must be positive, got {t.eps}")
     for entry in t.freeze:
         kind, colon, name = entry.partition(":")
         if colon and kind in ("tower", "embed") and name not in names:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mot.config import UNTIE_CHOICES, ConfigError, ModalityConfig, RunConfig, config_from_dict, config_to_dict
+from mot.interop.chameleon import carry_interop_files
 from mot.model import MoTTransformer
 from mot.model.pattention import TowerPattention
 from mot.train import checkpoint as ckpt
@@ -292,6 +293,7 @@ def write_derived(out: str | Path, source: Source, cfg: RunConfig, state: dict[s
     tokenizers = source.path.parent.parent / "tokenizers"
     if tokenizers.is_dir() and not (out / "tokenizers").exists():
         shutil.copytree(tokenizers, out / "tokenizers")
+    carry_interop_files(source.path.parent.parent, out)
     return path
 
 

@@ -7,6 +7,7 @@ included) is randomised, so a misplaced tensor shows.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from mot.interop.chameleon_vocab import ChameleonVocab, image_code_of, image_tok
 from mot.model import MoTTransformer
 from mot.train import checkpoint as ckpt
 from mot.train.checkpoint import load_for_inference
+
+
+def load_file_state(run):
+    return ckpt.load_model_state(ckpt.resolve_checkpoint(run))
 
 N_CODES = 16
 HF_VOCAB = 64
@@ -341,3 +346,37 @@ def test_the_released_taming_vqgan_adds_the_decoder(tmp_path):
     with pytest.raises(ChameleonImportError, match="encoder.conv_in.weight differs"):
         import_hf(tmp_path / "hf", tmp_path / "run2", vqgan=(tmp_path / "other.safetensors", tmp_path / "vqgan.yaml"))
     assert not (tmp_path / "run2").exists()  # refused before anything is written
+
+
+def test_derived_runs_keep_the_mapping_and_export_refuses_without_it(tmp_path):
+    from mot import grow
+    from mot.generate.loop import Generation
+    from mot.generate.page import write_page
+    from mot.generate.prompt import load_tokenizers
+
+    hf, model, table = imported(tmp_path, gqa=False, swin=False)
+    source = grow.read_source(tmp_path / "run")
+    cfg, state, _ = grow.upcycle(source)
+    grow.write_derived(tmp_path / "mot", source, cfg, state, {}, "upcycle", {})
+    for name in ("chameleon_vocab.json", "chameleon_vqvae.safetensors"):
+        assert (tmp_path / "mot" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+    # A page with an image span from the encoder-only VQGAN: a note in its place, the rest of the page written.
+    vocab = model.vocab
+    tokenizers = load_tokenizers(tmp_path / "run" / "tokenizers", vocab)
+    codes = [vocab["image"].start + c % N_CODES for c in range(256)]
+    result = Generation([vocab.special_id("<bod>")], [vocab.special_id("<boi>"), *codes, vocab.special_id("<eoi>")],
+                        False)
+    page = write_page(tmp_path / "page.html", vocab, tokenizers, [result])[0].read_text()
+    assert "no decoder" in page and "<img" not in page
+    # Without the mapping, an imported run's ids cannot be written back as Chameleon's.
+    (tmp_path / "run" / "chameleon_vocab.json").unlink()
+    with pytest.raises(ChameleonImportError, match="no chameleon_vocab.json"):
+        export_hf(tmp_path / "run", tmp_path / "hf2")  # known from the checkpoint: written by import-hf
+    chameleon_style_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_hf(tmp_path / "hf", tmp_path / "run3")
+    ckpt.save_checkpoint(tmp_path / "tuned" / "checkpoints", 7, load_file_state(tmp_path / "run3"), {},
+                         {"config": ckpt.read_meta(ckpt.resolve_checkpoint(tmp_path / "run3"))["config"],
+                          "tokenizers": ""}, keep=1)  # as `mot train --init-from` would, minus the mapping
+    shutil.copytree(tmp_path / "run3" / "tokenizers", tmp_path / "tuned" / "tokenizers")
+    with pytest.raises(ChameleonImportError, match="no chameleon_vocab.json"):
+        export_hf(tmp_path / "tuned", tmp_path / "hf2")  # known from its imported text tokenizer

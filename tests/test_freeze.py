@@ -113,3 +113,12 @@ def test_lmfusion_recipe_trains_image_towers_around_a_frozen_pretrained_text_tow
     qkv = "blocks.0.attn.qkv.weight"
     assert torch.equal(end[qkv][0], start[qkv][0])  # the text tower, as pretrained
     assert not torch.equal(end[qkv][1], start[qkv][1])  # the image tower learns
+
+
+def test_resuming_with_another_freeze_is_refused(shards, tmp_path):
+    cfg = run_config(shards, tmp_path, steps=4, checkpoint_every=2, freeze=["tower:text"])
+    Trainer(cfg, progress=False).fit(until=2)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze=["tower:image"]))
+    with pytest.raises(ConfigError, match="it was trained with \\['tower:text'\\]"):
+        train(changed, resume=True, progress=False)
+    assert train(cfg, resume=True, progress=False).step == 4  # the same freeze resumes

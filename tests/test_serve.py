@@ -18,9 +18,9 @@ import torch
 import uvicorn
 
 from mot.config import ModalityConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
-from mot.generate.session import Session
+from mot.generate.session import GenerationRequest, Session
 from mot.model import MoTTransformer
-from mot.serve.app import TurnQueue, create_app
+from mot.serve.app import Job, TurnQueue, _run, create_app
 from mot.train import checkpoint as ckpt
 from mot.train.checkpoint import load_for_inference
 
@@ -43,11 +43,16 @@ def demo_like_run(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def session(tmp_path_factory):
     # MOT_SERVE_CKPT=runs/demo: the README main job's trained checkpoint instead (for the README's screenshot)
     run = os.environ.get("MOT_SERVE_CKPT") or demo_like_run(tmp_path_factory.mktemp("serve") / "run")
     model, _, tokenizers = load_for_inference(run)
-    app = create_app(Session(model, tokenizers, device="cpu"), str(run))
+    return Session(model, tokenizers, device="cpu"), str(run)
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    app = create_app(*session)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -132,6 +137,31 @@ def test_turns_are_served_in_order():
     for thread in threads:
         thread.join(timeout=10)
     assert order == tickets
+
+
+def test_a_cancelled_job_stops_at_its_next_token_and_frees_its_turn(session):
+    """A client that disconnects sets its job's flag (the stream's `finally`): the generation stops at the next
+    token, nothing more is sent, and the next request gets the turn."""
+    turns, events = TurnQueue(), []
+    job = Job(events.append)
+
+    def emit(event):
+        events.append(event)
+        if event["type"] == "text":  # the client goes away after the first streamed text
+            job.cancelled.set()
+
+    job.emit = emit
+    request = GenerationRequest(prompt="a red circle", max_tokens=200, temperature=0)
+    _run(session[0], request, turns, turns.ticket(), job)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["start", "text"]  # no "done": stopped after the token that was streamed
+    assert turns.waiting() == 0
+
+    early = Job(events.append)  # cancelled while still queued: never starts
+    early.cancelled.set()
+    events.clear()
+    _run(session[0], request, turns, turns.ticket(), early)
+    assert events == [] and turns.waiting() == 0
 
 
 # ---------------------------------------------------------------- the page in a real browser

@@ -27,6 +27,7 @@ from mot.generate.loop import Generation
 from mot.generate.prompt import image_grid_of, sample_rate_of
 from mot.generate.session import GenerationRequest, Session
 from mot.generate.spans import Span, open_span_start, split_spans
+from mot.tokenize.base import TokenizerError
 from mot.vocab import UnifiedVocab
 
 STYLE = """
@@ -70,8 +71,12 @@ class _Renderer:
             h, w = image_grid_of(tok)
             if len(span.ids) != h * w:
                 return f'<p class="note">[image span of {len(span.ids)} codes; the tokenizer\'s grid is {h}x{w}]</p>'
+            try:
+                image = tok.decode(ids).float().cpu()
+            except TokenizerError as err:  # an encoder-only VQGAN (imported): the rest of the page still counts
+                return f'<p class="note">[image span of {len(span.ids)} codes: {html.escape(str(err))}]</p>'
             path = self._file(label, "image", index, ".png")
-            save_image(tok.decode(ids).float().cpu(), path)
+            save_image(image, path)
             return f'<img src="{html.escape(path.name)}" alt="{label} image {index}">'
         path = self._file(label, "speech", index, ".wav")
         wave = tok.decode(ids).float().cpu().numpy()

@@ -79,6 +79,7 @@ def model_config_from_hf(config: dict, vocab: ChameleonVocab) -> ModelConfig:
     _require(config, "hidden_act", lambda v: v == "silu", "SwiGLU with silu")
     _require(config, "attention_bias", lambda v: not v, "projections without bias")
     _require(config, "mlp_bias", lambda v: not v, "projections without bias")
+    _require(config, "rope_scaling", lambda v: not v, "rotary embeddings without scaling")
     rope = config.get("rope_parameters") or {}
     _require(rope, "rope_type", lambda v: v == "default", "the default rotary embedding")
     heads = config["num_attention_heads"]
@@ -126,13 +127,15 @@ def image_tokenizer_from_hf(config: dict, hf: dict[str, Tensor]) -> ImageTokeniz
     return tokenizer.eval()
 
 
-def with_taming_decoder(encoder_only: ImageTokenizer, ckpt_path: Path, yaml_path: Path) -> ImageTokenizer:
+def with_taming_decoder(vqvae: dict[str, Tensor], ckpt_path: Path, yaml_path: Path) -> ImageTokenizer:
     """The taming checkpoint of the same VQGAN (Chameleon's release ships one), which has the decoder; its
-    encoder and codebook must equal the VQVAE's, tensor for tensor."""
+    encoder and codebook must equal the VQVAE's tensors (`model.vqmodel.*`), compared in the VQVAE's dtype."""
     full = ImageTokenizer.from_taming(ckpt_path, yaml_path)
-    ours, theirs = encoder_only.state_dict(), full.state_dict()
-    for name, tensor in ours.items():
-        if name not in theirs or theirs[name].shape != tensor.shape or not torch.equal(theirs[name].float(), tensor):
+    theirs = full.state_dict()
+    for key, tensor in vqvae.items():
+        name = key[len(VQVAE_PREFIX):]
+        if name not in theirs or theirs[name].shape != tensor.shape or not torch.equal(
+                theirs[name].to(tensor.dtype), tensor):
             raise ChameleonImportError(f"{ckpt_path}: not the VQGAN of this Chameleon checkpoint ({name} differs "
                                        "from the VQVAE's)")
     return full
@@ -266,7 +269,7 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     if vqgan is not None:
         if image_tokenizer is None:
             raise ChameleonImportError(f"{folder}: no VQVAE tensors (model.vqmodel.*) to check --vqgan against")
-        image_tokenizer = with_taming_decoder(image_tokenizer, Path(vqgan[0]), Path(vqgan[1]))
+        image_tokenizer = with_taming_decoder(vqvae, Path(vqgan[0]), Path(vqgan[1]))
     path = ckpt.save_checkpoint(out / "checkpoints", 0, state, {}, meta, keep=1)
     (out / VOCAB_FILE).write_text(json.dumps({"mapping": vocab.to_dict(), "hf_config": config}))
     if vqvae:  # kept as released (export writes them back), and as mot's image tokenizer (encoder only)
@@ -284,6 +287,15 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     return path
 
 
+def carry_interop_files(source_run: Path, target_run: Path) -> None:
+    """A run derived from an imported one (mot upcycle, mot train --init-from) keeps its vocabulary mapping and
+    VQVAE tensors, so that its dense form still exports with Chameleon's ids."""
+    for name in (VOCAB_FILE, VQVAE_FILE):
+        if (source_run / name).is_file() and not (target_run / name).exists():
+            target_run.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source_run / name, target_run / name)
+
+
 def export_hf(run: str | Path, out: str | Path) -> Path:
     """Write OUT as a Hugging Face Chameleon folder (config.json, model.safetensors) of a dense run's latest
     checkpoint (or of the checkpoint folder RUN)."""
@@ -293,6 +305,10 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     _check_exportable(cfg)
     run_dir = found.parent.parent
     saved = json.loads((run_dir / VOCAB_FILE).read_text()) if (run_dir / VOCAB_FILE).is_file() else None
+    imported = meta.get("operation") == "import-hf" or (run_dir / "tokenizers" / "text" / ID_MAP_FILE).is_file()
+    if saved is None and imported:
+        raise ChameleonImportError(f"{run_dir}: an imported model (or its text tokenizer) but the run has no "
+                                   f"{VOCAB_FILE} to map its ids back; copy it from the imported run folder")
     vocab = ChameleonVocab.from_dict(saved["mapping"]) if saved else identity_vocab(UnifiedVocab(cfg))
     table = vocab.mot_to_hf(UnifiedVocab(cfg))
     hf = state_to_hf(ckpt.load_model_state(found), cfg, table, vocab.hf_size)

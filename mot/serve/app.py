@@ -10,16 +10,18 @@
         {"type": "done", "tokens": n, "seconds": s}  or  {"type": "error", "message": ...}
 
 A request that cannot be served (an empty prompt, an unknown modality, too many tokens, a setting that is
-not a number) is answered with HTTP 400 and {"error": message} before any work, and the server goes on.
+not a number) is answered with HTTP 400 and {"error": message} before any work, and the server goes on; a
+full queue with HTTP 503. A client that disconnects cancels its generation at the next token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ PAGE = Path(__file__).with_name("index.html")
 NEXT = {"text": "auto", "image": "image", "speech": "speech"}
 NUMBERS = {"guidance_scale": float, "temperature": float, "samples": int, "seed": int, "max_tokens": int}
 MAX_SAMPLES = 8
+MAX_WAITING = 16  # requests queued or running; more are turned away (HTTP 503) rather than left to wait
 
 
 class TurnQueue:
@@ -56,6 +59,11 @@ class TurnQueue:
     def wait(self, ticket: int) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self._serving == ticket)
+
+    def waiting(self) -> int:
+        """Tickets issued and not yet served (the running one included)."""
+        with self._cond:
+            return self._issued - self._serving
 
     def release(self) -> None:
         with self._cond:
@@ -91,6 +99,8 @@ def parse_request(body: Any, session: Session) -> GenerationRequest:
     if choice not in allowed:
         raise GenerationError(f"unknown modality {choice!r}: choose one of {allowed}")
     numbers = {key: _number(body, key, kind) for key, kind in NUMBERS.items() if key in body}
+    if not 0 <= numbers.get("seed", 0) < 2**63:
+        raise GenerationError(f"seed must be between 0 and 2**63 - 1, got {numbers['seed']}")
     if not 1 <= numbers.get("samples", 1) <= MAX_SAMPLES:
         raise GenerationError(f"samples must be between 1 and {MAX_SAMPLES}, got {numbers['samples']}")
     request = GenerationRequest(prompt=prompt, then=NEXT[choice], **numbers)
@@ -125,38 +135,67 @@ def create_app(session: Session, ckpt: str = "") -> FastAPI:
             request = parse_request(body, session)
         except GenerationError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
-        events: queue.Queue = queue.Queue()
+        if turns.waiting() >= MAX_WAITING:
+            return JSONResponse({"error": f"the queue is full ({MAX_WAITING} requests waiting); try again later"},
+                                status_code=503)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         ticket = turns.ticket()
-        events.put({"type": "queued", "ahead": turns.ahead(ticket)})
-        threading.Thread(target=_run, args=(session, request, turns, ticket, events.put), daemon=True).start()
-        return StreamingResponse(_lines(events), media_type="application/x-ndjson")
+        job.emit({"type": "queued", "ahead": turns.ahead(ticket)})
+        threading.Thread(target=_run, args=(session, request, turns, ticket, job), daemon=True).start()
+        return StreamingResponse(_lines(events, job), media_type="application/x-ndjson")
 
     return app
 
 
-def _run(session: Session, request: GenerationRequest, turns: TurnQueue, ticket: int, emit) -> None:
-    """One generation in its turn; every outcome ends the stream with "done" or "error"."""
+class Cancelled(Exception):
+    """The client went away: its generation stops at the next token."""
+
+
+@dataclass
+class Job:
+    emit: Callable[[dict], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def _run(session: Session, request: GenerationRequest, turns: TurnQueue, ticket: int, job: Job) -> None:
+    """One generation in its turn; every outcome ends the stream with "done" or "error", and frees the turn."""
     turns.wait(ticket)
     try:
-        emit({"type": "start"})
+        if job.cancelled.is_set():
+            return
+        job.emit({"type": "start"})
         prompt = session.prepare(request)[0]
-        spans = SpanEvents(session.vocab, session.tokenizers, prompt, request.samples, emit, session.codecs)
+        spans = SpanEvents(session.vocab, session.tokenizers, prompt, request.samples, job.emit, session.codecs)
+
+        def on_token(sample: int, token: int) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled
+            spans.on_token(sample, token)
+
         start = time.perf_counter()
-        results = session.generate(request, on_token=spans.on_token)
+        results = session.generate(request, on_token=on_token)
         spans.finish(results)
-        emit({"type": "done", "tokens": sum(len(r.tokens) for r in results),
-              "seconds": round(time.perf_counter() - start, 3)})
+        job.emit({"type": "done", "tokens": sum(len(r.tokens) for r in results),
+                  "seconds": round(time.perf_counter() - start, 3)})
+    except Cancelled:
+        pass
     except GenerationError as err:
-        emit({"type": "error", "message": str(err)})
+        job.emit({"type": "error", "message": str(err)})
     except Exception as err:  # the stream must end and the server go on; the page shows what happened
-        emit({"type": "error", "message": f"generation failed: {type(err).__name__}: {err}"})
+        job.emit({"type": "error", "message": f"generation failed: {type(err).__name__}: {err}"})
     finally:
         turns.release()
 
 
-def _lines(events: queue.Queue) -> Iterator[str]:
-    while True:
-        event = events.get()
-        yield json.dumps(event) + "\n"
-        if event["type"] in ("done", "error"):
-            return
+async def _lines(events: asyncio.Queue, job: Job) -> AsyncIterator[str]:
+    """The events as lines; waiting costs no thread. A client that disconnects cancels its job."""
+    try:
+        while True:
+            event = await events.get()
+            yield json.dumps(event) + "\n"
+            if event["type"] in ("done", "error"):
+                return
+    finally:
+        job.cancelled.set()

@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 
 from mot.generate.loop import Generation
 from mot.generate.prompt import sample_rate_of
-from mot.generate.spans import open_span_start, split_spans
+from mot.generate.spans import SpanSplitter, open_span_start
 from mot.tokenize.base import TokenizerError
 from mot.vocab import UnifiedVocab
 
@@ -41,24 +41,28 @@ class SpanEvents:
         self.vocab, self.tokenizers, self.emit, self.codecs = vocab, tokenizers, emit, codecs or {}
         # A prompt ending inside a span (`... <boi>`): that span belongs to the samples.
         tail = open_span_start(prompt, vocab)
-        self.lead = prompt[len(prompt) if tail is None else tail:]
-        self.ids: list[list[int]] = [[] for _ in range(samples)]
-        self.shown: list[dict[int, str]] = [{} for _ in range(samples)]  # segment -> the text or "media" sent
+        lead = prompt[len(prompt) if tail is None else tail:]
+        self.splitters = [SpanSplitter(vocab) for _ in range(samples)]
+        for splitter in self.splitters:
+            for token in lead:
+                splitter.push(token)
+        self.sent: list[dict[int, str]] = [{} for _ in range(samples)]  # segment -> the text or "media" sent
 
     def on_token(self, sample: int, token: int) -> None:
-        self.ids[sample].append(token)
-        spans = split_spans(self.lead + self.ids[sample], self.vocab)
-        for k, span in enumerate(spans):
-            shown = self.shown[sample].get(k)
-            if span.kind == "text":
-                tok = self.tokenizers.get("text")
-                text = tok.decode(torch.tensor(span.ids)) if tok is not None else " ".join(map(str, span.ids))
-                if text != shown:
-                    self.shown[sample][k] = text
-                    self.emit({"type": "text", "sample": sample, "segment": k, "text": text})
-            elif span.closed and shown is None and span.kind not in self.codecs:
-                self.shown[sample][k] = "media"
-                self.emit(self._media(span.kind, span.ids, sample, k))
+        """Only the span the id went to is looked at: O(that span) per id."""
+        k = self.splitters[sample].push(token)
+        if k is None:
+            return
+        span, sent = self.splitters[sample].spans[k], self.sent[sample].get(k)
+        if span.kind == "text":
+            tok = self.tokenizers.get("text")
+            text = tok.decode(torch.tensor(span.ids)) if tok is not None else " ".join(map(str, span.ids))
+            if text != sent:
+                self.sent[sample][k] = text
+                self.emit({"type": "text", "sample": sample, "segment": k, "text": text})
+        elif span.closed and sent is None and span.kind not in self.codecs:
+            self.sent[sample][k] = "media"
+            self.emit(self._media(span.kind, span.ids, sample, k))
 
     def _media(self, kind: str, ids: list[int], sample: int, segment: int) -> Event:
         tok = self.tokenizers.get(kind)

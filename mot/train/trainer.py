@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mot.config import ConfigError, RunConfig, config_to_dict
 from mot.data.loader import PackedBatch
 from mot.flops import size_report
+from mot.interop.chameleon import carry_interop_files
 from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
 from mot.model.masks import document_block_mask, mixed_block_mask
@@ -181,7 +182,8 @@ class Trainer:
             from mot.grow import load_weights_into  # a ConfigError names any architecture mismatch
 
             meta = load_weights_into(model, init_from, where)
-            if acc.is_main_process:
+            if acc.is_main_process:  # an imported model's vocabulary mapping goes with its weights (export-hf)
+                carry_interop_files(ckpt.resolve_checkpoint(init_from).parent.parent, self.run_dir)
                 print(f"mot: weights from {init_from} ({meta.get('operation', 'trained')}); "
                       "fresh optimizer, schedule and data order")
         # Before any wrapping renames the parameters; a bad entry fails here, before the loaders start.
@@ -253,6 +255,10 @@ class Trainer:
         if diff:
             raise ConfigError(f"{self.where}: cannot resume from {path}: the model differs from the checkpoint's "
                               f"({'; '.join(diff)})")
+        saved_freeze = meta["config"].get("train", {}).get("freeze", [])
+        if saved_freeze != self.cfg.train.freeze:  # the optimizer's groups and zero moments depend on it
+            raise ConfigError(f"{self.where}: cannot resume from {path} with train.freeze = {self.cfg.train.freeze}: "
+                              f"it was trained with {saved_freeze}; start a new run with --init-from {path}")
         options = StateDictOptions(full_state_dict=True)
         model_state = ckpt.load_model_state(path)
         set_model_state_dict(self.model, model_state, options=options)
