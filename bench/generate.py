@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mot.config import ModalityConfig, ModelConfig, load_config  # noqa: E402
-from mot.generate.loop import CachedDecoder, GenerationConfig, generate  # noqa: E402
+from mot.generate.decoder import CachedDecoder  # noqa: E402
+from mot.generate.loop import GenerationConfig, generate  # noqa: E402
 from mot.model import MoTTransformer  # noqa: E402
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper" / "chameleon_1_5b.toml"

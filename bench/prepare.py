@@ -72,7 +72,7 @@ from mot.data.batch_encode import (  # noqa: E402
     ImageBatchEncoder,
     resolve_device,
 )
-from mot.data.documents import ImageSegment, open_documents  # noqa: E402
+from mot.data.documents import ImageSegment  # noqa: E402
 from mot.data.encode import vocab_layout  # noqa: E402
 from mot.data.media import decode_image  # noqa: E402
 from mot.data.pipeline import pieces_for  # noqa: E402
@@ -80,6 +80,7 @@ from mot.data.prepare import (
     default_workers,  # noqa: E402
     prepare,  # noqa: E402
 )
+from mot.data.sources import open_documents  # noqa: E402
 from mot.data.synthetic_docs import write_shards  # noqa: E402
 from mot.tokenize.image import ImageTokenizer, load_vqgan_config  # noqa: E402
 from mot.tokenize.load import load_tokenizer  # noqa: E402

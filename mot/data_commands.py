@@ -28,7 +28,7 @@ MODALITIES = ("text", "image", "speech")
 
 def _segments(data: str, kind: str) -> list:
     """Every segment of one kind ("text", "image", "audio") in a documents source."""
-    from mot.data.documents import open_documents
+    from mot.data.sources import open_documents
 
     return [seg for doc in tqdm(open_documents(data), desc=f"reading {kind} from {data}", leave=False)
             for seg in doc.segments if seg.type == kind]
@@ -65,7 +65,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> int:
         report = {"images": len(images), "held_out": held_out, "eval": metrics.get("eval")}
     else:
         from mot.tokenize.speech import SpeechTokenizer, load_audio, load_speech_config
-        from mot.tokenize.speech_codebook import mel_reconstruction_error
+        from mot.tokenize.speech_metrics import mel_reconstruction_error
 
         cfg = load_speech_config(args.config, overrides)
         paths = [seg.path for seg in _segments(args.data, "audio")]

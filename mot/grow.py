@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mot.config import UNTIE_CHOICES, ConfigError, ModalityConfig, RunConfig, config_from_dict, config_to_dict
-from mot.interop.chameleon import carry_interop_files
+from mot.interop.run_files import carry_interop_files
 from mot.model import MoTTransformer
 from mot.model.pattention import TowerPattention
 from mot.train import checkpoint as ckpt

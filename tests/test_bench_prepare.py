@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mot.data.documents import open_documents
 from mot.data.encode import DocumentEncoder
 from mot.data.shards import ShardedCorpus
+from mot.data.sources import open_documents
 from mot.tokenize.load import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from mot.data.documents import (
     TextSegment,
     load_audio,
     load_image,
-    open_documents,
 )
 from mot.data.media import BadInput
+from mot.data.sources import open_documents
 
 
 def _png(path, pixels: np.ndarray) -> None:

@@ -7,7 +7,8 @@ import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.generate import GenerationConfig, ModalityConstraints, generate, split_spans
-from mot.generate.loop import CachedDecoder, span_states
+from mot.generate.decoder import CachedDecoder
+from mot.generate.loop import span_states
 from mot.model import MoTTransformer
 from mot.model.kv_cache import KVCache
 from tests.conftest import randomize_norms, tiny_config

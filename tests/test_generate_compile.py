@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mot.generate import GenerationConfig, generate
-from mot.generate.loop import CachedDecoder
+from mot.generate.decoder import CachedDecoder
 from mot.model import MoTTransformer, routing
 from tests.conftest import tiny_config
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 from mot.config import ModalityConfig
 from mot.generate import GenerationConfig, ModalityConstraints, generate
+from mot.generate.decoder import CachedDecoder
 from mot.generate.diffusion import load_span_codecs, sample_span_reference, span_generator
-from mot.generate.loop import CachedDecoder, cache_slots, span_states
+from mot.generate.loop import cache_slots, span_states
 from mot.model import MoTTransformer, routing
 from mot.model.masks import mixed_mask
 from tests.conftest import randomize_norms

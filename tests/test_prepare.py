@@ -80,7 +80,7 @@ def corpus(tmp_path):
 
 
 def test_shards_give_back_every_documents_exact_unified_ids(corpus, vocab, tmp_path):
-    from mot.data.documents import open_documents
+    from mot.data.sources import open_documents
 
     stats = prepare(corpus, tokenizers(), vocab, tmp_path / "out", num_workers=0, shard_size=3, show_progress=False)
     assert (stats.documents, stats.shards, stats.skipped) == (7, 3, {})

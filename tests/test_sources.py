@@ -13,10 +13,11 @@ import soundfile
 import torch
 from PIL import Image
 
-from mot.data.documents import AudioSegment, HFDocuments, ImageSegment, open_documents
+from mot.data.documents import AudioSegment, HFDocuments, ImageSegment
 from mot.data.media import BadInput, FileRange, decode_image, load_audio, load_image
 from mot.data.prepare import prepare
 from mot.data.shards import ShardedCorpus
+from mot.data.sources import open_documents
 from mot.data.tar_source import TarDocuments
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config

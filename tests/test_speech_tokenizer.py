@@ -14,8 +14,9 @@ import soundfile
 import torch
 
 from mot.tokenize.base import ModalityTokenizer, TokenizerError
-from mot.tokenize.speech import SpeechTokenizer, SpeechTokenizerConfig, load_speech_config, mel_reconstruction_error
+from mot.tokenize.speech import SpeechTokenizer, SpeechTokenizerConfig, load_speech_config
 from mot.tokenize.speech_codebook import _reseed_empty, assign, kmeans
+from mot.tokenize.speech_metrics import mel_reconstruction_error
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000

@@ -1,6 +1,6 @@
 """Interleaved documents (text, images, audio in reading order) and the readers that produce them.
 
-A `Document` is an id and a list of segments. Sources (see `open_documents`):
+A `Document` is an id and a list of segments. Sources (`mot.data.sources.open_documents` picks one):
 
 - JSONL, the corpus format read natively (the demo corpus generator writes it), one document a row:
 
@@ -39,7 +39,7 @@ from mot.data.media import BadInput, load_audio, load_image
 
 __all__ = [
     "AudioSegment", "BadInput", "Document", "DocumentList", "DocumentSource", "HFDocuments", "ImageSegment",
-    "JsonlDocuments", "Skipped", "TextSegment", "load_audio", "load_image", "open_documents",
+    "JsonlDocuments", "Skipped", "TextSegment", "load_audio", "load_image",
 ]
 
 # Reasons a reader skips a document (prepare adds the decoding and tokenizing ones).
@@ -158,7 +158,7 @@ def _missing_files(doc: Document) -> list[Path]:
     return [s.path for s in doc.segments if getattr(s, "path", None) is not None and not s.path.is_file()]
 
 
-def _first_row(path: Path) -> dict | None:
+def first_row(path: Path) -> dict | None:
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -358,40 +358,3 @@ class HFDocuments(DocumentSource):
         if self._len is None:  # streaming
             return None
         return self._len * (len(self.pair_orders) * len(self.pairs) if not self.segments_column else 1)
-
-
-# ---------------------------------------------------------------- dispatch
-
-
-def open_documents(source: Any, **options: Any) -> DocumentSource:
-    """A DocumentSource for `source`:
-
-    - a DocumentSource: itself; a list of Documents: wrapped;
-    - a `.jsonl` file, or a folder holding `.jsonl` files, whose rows have `segments`: the native JSONL reader
-      (a folder's files in name order);
-    - a `.tar` / `.tar.gz` / `.tgz` file, a list of them, or a folder holding them (and no such JSONL):
-      `TarDocuments(source, **options)` (webdataset-style shards);
-    - anything else local (a folder, a parquet / jsonl / csv / arrow file, a saved dataset, a `datasets.Dataset`):
-      `HFDocuments(source, **options)`.
-    """
-    from mot.data.tar_source import TarDocuments, is_tar
-
-    if isinstance(source, DocumentSource):
-        return source
-    if isinstance(source, list | tuple) and all(isinstance(d, Document) for d in source):
-        return DocumentList(list(source))
-    if isinstance(source, list | tuple) and source and all(isinstance(p, str | Path) and is_tar(p) for p in source):
-        return TarDocuments(list(source), **options)
-    if isinstance(source, str | Path):
-        path = Path(source)
-        if path.is_file() and path.suffix == ".jsonl" and "segments" in (_first_row(path) or {}):
-            return JsonlDocuments(path)
-        if path.is_file() and is_tar(path):
-            return TarDocuments(path, **options)
-        if path.is_dir():
-            files = sorted(path.glob("*.jsonl"))
-            if files and all("segments" in (_first_row(f) or {}) for f in files):
-                return JsonlDocuments(files)
-            if any(is_tar(f) for f in path.iterdir() if f.is_file()):
-                return TarDocuments(path, **options)
-    return HFDocuments(source, **options)

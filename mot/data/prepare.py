@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, batches_images, check_precision, resolve_device
 from mot.data.distributed import ProcessGroup
-from mot.data.documents import open_documents
 from mot.data.encode import DocumentDecoder, image_grid, materialize, special_ids, tokenizer_info, vocab_layout
 from mot.data.media import IMAGE_POLICIES
 from mot.data.pipeline import ChunkLoop, chunks
 from mot.data.shards import SCHEMA_VERSION, complete_shard, read_json, shard_name, write_json
+from mot.data.sources import open_documents
 from mot.vocab import UnifiedVocab
 
 __all__ = ["PrepareError", "PrepareStats", "prepare", "prepare_for_recipe"]

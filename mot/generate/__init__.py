@@ -16,7 +16,8 @@ With a diffusion image modality (Transfusion setting) image spans are denoised i
 """
 
 from mot.generate.constraints import ModalityConstraints, SpanState
-from mot.generate.loop import CachedDecoder, Generation, GenerationConfig, generate
+from mot.generate.decoder import CachedDecoder
+from mot.generate.loop import Generation, GenerationConfig, generate
 from mot.generate.prompt import GenerationError, build_prompt, load_tokenizers
 from mot.generate.sampling import SamplingConfig, filter_logits, sample
 from mot.generate.spans import Span, split_spans

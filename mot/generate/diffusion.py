@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mot.generate.decoder import CachedDecoder
 from mot.model.masks import mixed_mask
 from mot.model.transformer import MoTTransformer
 from mot.objectives.diffusion import Schedule, denoise_step, sample, sampling_times
 
 if TYPE_CHECKING:
-    from mot.generate.loop import CachedDecoder
     from mot.objectives.latents import LatentCodec
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample) over the generator's seeds

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from mot.config import ConfigError
+from mot.generate.decoder import CachedDecoder
 from mot.generate.diffusion import load_span_codecs
-from mot.generate.loop import CachedDecoder, Generation, GenerationConfig, cache_slots, generate
+from mot.generate.loop import Generation, GenerationConfig, cache_slots, generate
 from mot.generate.prompt import THEN, GenerationError, build_prompt, image_grid_of, latent_prompt, load_tokenizers
 from mot.model.transformer import MoTTransformer
 

@@ -35,14 +35,13 @@ from mot.config import (
     config_to_dict,
 )
 from mot.interop.chameleon_vocab import ChameleonVocab, identity_vocab
+from mot.interop.run_files import VOCAB_FILE, VQVAE_FILE
 from mot.tokenize.base import TokenizerError
 from mot.tokenize.image import ImageTokenizer, VQGANConfig
 from mot.tokenize.text import ID_MAP_FILE
 from mot.train import checkpoint as ckpt
 from mot.vocab import UnifiedVocab
 
-VOCAB_FILE = "chameleon_vocab.json"  # the id mapping and the source's config.json, in the run folder
-VQVAE_FILE = "chameleon_vqvae.safetensors"
 VQVAE_PREFIX = "model.vqmodel."
 Tensor = torch.Tensor
 
@@ -285,15 +284,6 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     (out / "recipe.toml").write_text(recipe_toml(cfg))
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     return path
-
-
-def carry_interop_files(source_run: Path, target_run: Path) -> None:
-    """A run derived from an imported one (mot upcycle, mot train --init-from) keeps its vocabulary mapping and
-    VQVAE tensors, so that its dense form still exports with Chameleon's ids."""
-    for name in (VOCAB_FILE, VQVAE_FILE):
-        if (source_run / name).is_file() and not (target_run / name).exists():
-            target_run.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source_run / name, target_run / name)
 
 
 def export_hf(run: str | Path, out: str | Path) -> Path:

@@ -11,7 +11,7 @@ shorter than one unit is dropped), and decoding n units gives n * hop_length * f
 samples. Decoding maps units to their codebook frames, undoes the normalisation and the dB, and
 inverts the mel spectrogram: least squares back to a linear spectrogram (a truncated pseudo-inverse
 of the mel filterbank), then Griffin-Lim phase recovery. A way to listen, not a vocoder: expect
-robotic, phasey speech. The error metric, `mel_reconstruction_error`, lives in speech_codebook.
+robotic, phasey speech. The error metric, `mel_reconstruction_error`, lives in speech_metrics.
 
     tok = SpeechTokenizer.train(["a.wav", "b.wav"], load_speech_config("tokenizers/speech_demo.toml"))
     units = tok.encode_file("c.wav")          # int64 (n,), values in [0, n_units)
@@ -36,12 +36,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mot.tokenize.base import TokenizerError, config_to_toml, load_tokenizer_config, write_atomic
-from mot.tokenize.speech_codebook import assign, kmeans, mel_reconstruction_error
+from mot.tokenize.speech_codebook import assign, kmeans
 
 WEIGHTS_FILE = "speech_units.safetensors"
 CONFIG_FILE = "speech_units.toml"
-__all__ = ["SpeechTokenizer", "SpeechTokenizerConfig", "load_audio", "load_speech_config",
-           "mel_reconstruction_error"]
+__all__ = ["SpeechTokenizer", "SpeechTokenizerConfig", "load_audio", "load_speech_config"]
 PEAK_TOLERANCE = 1.001  # a float waveform must lie in [-1, 1]; this much over is rounding, not a format error
 
 

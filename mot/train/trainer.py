@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mot.config import ConfigError, RunConfig, config_to_dict
 from mot.data.loader import PackedBatch
 from mot.flops import size_report
-from mot.interop.chameleon import carry_interop_files
+from mot.interop.run_files import carry_interop_files
 from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
 from mot.model.masks import document_block_mask, mixed_block_mask
