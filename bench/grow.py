@@ -33,7 +33,7 @@ from mot import grow as ops  # noqa: E402
 from mot.compare import compare_runs, markdown_table  # noqa: E402
 from mot.config import RunConfig, config_to_dict, load_config  # noqa: E402
 from mot.flops import param_counts, size_report  # noqa: E402
-from mot.train import checkpoint as ckpt  # noqa: E402
+from mot.runs import checkpoint_name  # noqa: E402
 from mot.train.metrics_log import read_log  # noqa: E402
 from mot.train.trainer import Trainer  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> int:
     small_cfg = dataclasses.replace(pattention_recipe(args), name="small")
     small = Trainer(small_cfg, "bench/grow.py", overwrite=True, progress=not args.smoke)
     small.fit(until=args.before)  # evaluates and checkpoints at the growth step
-    source = ops.read_source(small.run_dir / "checkpoints" / ckpt.checkpoint_name(args.before))
+    source = ops.read_source(small.run_dir / "checkpoints" / checkpoint_name(args.before))
     small.fit()  # the small model to the end of the schedule, for reference
     del small
 

@@ -29,9 +29,9 @@ from mot.flops import SizeReport, dense_baseline, size_report
 from mot.generate.cli import add_commands as add_generate_commands
 from mot.grow_cli import add_commands as add_grow_commands
 from mot.interop.cli import add_commands as add_interop_commands
+from mot.runs import CheckpointError
 from mot.serve.cli import add_commands as add_serve_commands
 from mot.tokenize.base import TokenizerError
-from mot.train.checkpoint import CheckpointError
 from mot.train.errors import NonFiniteError
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"

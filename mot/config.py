@@ -178,8 +178,8 @@ class TrainConfig:
     compile: bool = False
     # On CUDA, document masks as FlexAttention block masks (masked tiles skipped) or dense boolean SDPA masks.
     # "auto": FlexAttention when the blocks are compiled (the kernel is then fused into the block's graph);
-    # eager blocks call it through its own compiled wrapper per layer, which loses at small sizes
-    # (bench/NOTES.md: 176k vs 215k tokens/s eager, 439k vs 345k compiled, on the 83M demo_gpu recipe).
+    # eager blocks call it through its own compiled wrapper per layer, which loses at small sizes (bench/NOTES.md,
+    # "Figures moved out of code comments").
     flex_attention: bool | Literal["auto"] = "auto"
     activation_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mot import runs
 from mot.config import UNTIE_CHOICES, ConfigError, ModalityConfig, RunConfig, config_from_dict, config_to_dict
 from mot.interop.run_files import carry_interop_files
 from mot.model import MoTTransformer
@@ -54,10 +55,10 @@ class Source:
 
 
 def read_source(path: str | Path) -> Source:
-    found = ckpt.resolve_checkpoint(path)
+    found = runs.resolve_checkpoint(path)
     optimizer, rng, meta = ckpt.load_training_state(found)
     cfg = config_from_dict(meta["config"], where=f"{found}/meta.json")
-    return Source(found, meta, cfg, ckpt.load_model_state(found), optimizer, rng)
+    return Source(found, meta, cfg, runs.load_model_state(found), optimizer, rng)
 
 
 # ---------------------------------------------------------------- building the new state
@@ -275,7 +276,7 @@ def write_derived(out: str | Path, source: Source, cfg: RunConfig, state: dict[s
     folder is OUT itself (so `mot train OUT/recipe.toml --resume` continues there), OUT/config.json and the
     source run's tokenizers. A non-empty optimizer state carries the source's training state along."""
     out = Path(out)
-    if ckpt.list_checkpoints(out / "checkpoints"):
+    if runs.list_checkpoints(out / "checkpoints"):
         raise GrowError(f"--out {out}: already holds checkpoints; choose a new folder")
     cfg = dataclasses.replace(cfg, name=out.name,
                               train=dataclasses.replace(cfg.train, out_dir=str(out.parent)))
@@ -312,13 +313,13 @@ def load_weights_into(model: MoTTransformer, path: str | Path, where: str = "--i
     """Load a checkpoint's weights (only) into `model`, whose config must describe the same architecture: the
     start of a new run from a grown, upcycled or extended checkpoint (fresh optimizer, schedule and data order).
     Returns the checkpoint's meta."""
-    found = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_meta(found)
+    found = runs.resolve_checkpoint(path)
+    meta = runs.read_meta(found)
     saved, wanted = _function_fields(meta["config"]["model"]), _function_fields(dataclasses.asdict(model.cfg))
     diff = [f"{k}: {saved.get(k)!r} (checkpoint) vs {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
             if saved.get(k) != wanted.get(k)]
     if diff:
         raise GrowError(f"{where}: {found} holds another model than the recipe's ({'; '.join(diff)}); use its "
                         f"recipe ({found.parent.parent / 'recipe.toml'} for mot grow/upcycle/add-modality output)")
-    ckpt.load_weights(model, found)
+    runs.load_weights(model, found)
     return meta

@@ -14,17 +14,18 @@ import torch
 import transformers  # a dev dependency (`pip install -e '.[dev]'`): missing, these tests fail rather than skip
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
+from mot import runs
 from mot.config import ModalityConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from mot.generate import GenerationConfig, generate
 from mot.interop.chameleon import ChameleonImportError, export_hf, import_hf
 from mot.interop.chameleon_vocab import ChameleonVocab, image_code_of, image_token_name
 from mot.model import MoTTransformer
+from mot.runs import load_for_inference
 from mot.train import checkpoint as ckpt
-from mot.train.checkpoint import load_for_inference
 
 
 def load_file_state(run):
-    return ckpt.load_model_state(ckpt.resolve_checkpoint(run))
+    return runs.load_model_state(runs.resolve_checkpoint(run))
 
 N_CODES = 16
 HF_VOCAB = 64
@@ -153,8 +154,8 @@ def test_import_export_import_is_the_identity(tmp_path):
     original, again = (load_file(tmp_path / hf / "model.safetensors") for hf in ("hf", "hf2"))
     assert original.keys() == again.keys()  # the VQVAE's tensors too
     assert all(torch.equal(original[k], again[k]) for k in original)
-    a = ckpt.load_model_state(ckpt.resolve_checkpoint(tmp_path / "run"))
-    b = ckpt.load_model_state(ckpt.resolve_checkpoint(tmp_path / "run2"))
+    a = runs.load_model_state(runs.resolve_checkpoint(tmp_path / "run"))
+    b = runs.load_model_state(runs.resolve_checkpoint(tmp_path / "run2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = [json.loads((tmp_path / run / "chameleon_vocab.json").read_text()) for run in ("run", "run2")]
     assert saved[0] == saved[1]  # the mapping, and the config.json the export wrote back
@@ -282,7 +283,7 @@ def test_import_and_export_commands(tmp_path, capsys):
     hf_model(gqa=False, swin=False).save_pretrained(tmp_path / "hf")
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--dtype", "bf16"]) == 0
     assert "dense model" in capsys.readouterr().out
-    state = ckpt.load_model_state(ckpt.resolve_checkpoint(tmp_path / "run"))
+    state = runs.load_model_state(runs.resolve_checkpoint(tmp_path / "run"))
     assert state["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
     assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")]) == 0
     assert ChameleonConfig.from_pretrained(tmp_path / "hf2").num_hidden_layers == 2
@@ -375,7 +376,7 @@ def test_derived_runs_keep_the_mapping_and_export_refuses_without_it(tmp_path):
     chameleon_style_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
     import_hf(tmp_path / "hf", tmp_path / "run3")
     ckpt.save_checkpoint(tmp_path / "tuned" / "checkpoints", 7, load_file_state(tmp_path / "run3"), {},
-                         {"config": ckpt.read_meta(ckpt.resolve_checkpoint(tmp_path / "run3"))["config"],
+                         {"config": runs.read_meta(runs.resolve_checkpoint(tmp_path / "run3"))["config"],
                           "tokenizers": ""}, keep=1)  # as `mot train --init-from` would, minus the mapping
     shutil.copytree(tmp_path / "run3" / "tokenizers", tmp_path / "tuned" / "tokenizers")
     with pytest.raises(ChameleonImportError, match="no chameleon_vocab.json"):

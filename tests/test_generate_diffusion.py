@@ -235,7 +235,7 @@ def test_generate_draws_diffusion_images_from_their_latents(diffusion_run, tmp_p
 def test_colour_match_decodes_diffusion_latents(diffusion_run, tmp_path):
     from mot.generate.demo_eval import colour_match
     from mot.generate.prompt import load_tokenizers
-    from mot.train.checkpoint import load_for_inference
+    from mot.runs import load_for_inference
 
     model, _, folder = load_for_inference(diffusion_run)
     tokenizers = load_tokenizers(folder, model.vocab)

@@ -10,6 +10,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from mot import grow as ops
+from mot import runs
 from mot.cli import main
 from mot.config import DataConfig, RunConfig, TrainConfig, config_to_dict, load_config
 from mot.data.synthetic import random_layout, tokens_for_layout
@@ -53,7 +54,7 @@ def _logits64(model: MoTTransformer, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _model(path: Path) -> MoTTransformer:
-    model, _, _ = ckpt.load_for_inference(path)
+    model, _, _ = runs.load_for_inference(path)
     return model
 
 
@@ -74,7 +75,7 @@ def test_grow_keeps_outputs_identical(modality, tmp_path):
     torch.testing.assert_close(_logits64(after, tokens), _logits64(before, tokens), rtol=1e-12, atol=1e-12)
     qkv = after.blocks[0].attn.qkv
     assert torch.count_nonzero(qkv.keys[1, 8:20]) == 0 and torch.count_nonzero(qkv.values[1, 8:20]) > 0
-    meta = ckpt.read_meta(path)
+    meta = runs.read_meta(path)
     assert meta["operation"] == "grow" and meta["derived_from"] == str(source) and meta["step"] == 3
 
 
@@ -218,9 +219,9 @@ def test_cli_grow_upcycle_add_modality(tmp_path, capsys):
                  "--out", str(tmp_path / "four")]) == 0
     out = capsys.readouterr().out
     assert "continue training: mot train" in out and "--init-from" in out
-    model, cfg, _ = ckpt.load_for_inference(tmp_path / "four")
+    model, cfg, _ = runs.load_for_inference(tmp_path / "four")
     assert cfg.model.untie == ["attn", "ffn"] and cfg.model.param_tokens == 16 and cfg.model.n_modalities == 4
-    meta = ckpt.read_meta(ckpt.resolve_checkpoint(tmp_path / "four"))
+    meta = runs.read_meta(runs.resolve_checkpoint(tmp_path / "four"))
     assert meta["operation"] == "add-modality" and meta["weights_only"] and meta["derived_from"].startswith(
         str(tmp_path / "big"))
     tokens = _tokens(_model(dense), [0, 1, 2])  # text, image, speech ids are unchanged by the new modality's range
@@ -256,7 +257,7 @@ def test_training_resumes_from_a_grown_checkpoint(shards, tmp_path):
     small = Trainer(cfg, progress=False)
     small.fit(until=2)
     third = small.fit(until=3).losses[0]
-    src = ops.read_source(tmp_path / "tiny" / "checkpoints" / ckpt.checkpoint_name(2))
+    src = ops.read_source(tmp_path / "tiny" / "checkpoints" / runs.checkpoint_name(2))
     grown_cfg, state, optimizer = ops.grow(src, 16)
     ops.write_derived(tmp_path / "grown", src, grown_cfg, state, optimizer, "grow", {})
 
@@ -264,5 +265,5 @@ def test_training_resumes_from_a_grown_checkpoint(shards, tmp_path):
     result = Trainer(recipe, resume=True, progress=False).fit()
     assert result.step == 4 and result.run_dir == tmp_path / "grown"
     assert result.losses[0] == pytest.approx(third, rel=1e-5)
-    final = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "grown" / "checkpoints"))
+    final = runs.load_model_state(runs.latest_checkpoint(tmp_path / "grown" / "checkpoints"))
     assert final["blocks.0.attn.qkv.keys"][:, 8:16].abs().sum() > 0  # the new tokens' keys left zero

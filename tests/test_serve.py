@@ -20,9 +20,9 @@ import uvicorn
 from mot.config import ModalityConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from mot.generate.session import GenerationRequest, Session
 from mot.model import MoTTransformer
+from mot.runs import load_for_inference
 from mot.serve.app import Job, TurnQueue, _run, create_app
 from mot.train import checkpoint as ckpt
-from mot.train.checkpoint import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

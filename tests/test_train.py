@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from mot import runs
 from mot.config import TrainConfig, config_from_dict, config_to_dict
 from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError
@@ -204,9 +205,9 @@ def test_resume_continues_exactly(shards, tmp_path):
 
 def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp_path):
     result = train(run_config(shards, tmp_path, steps=8, checkpoint_every=2, keep_checkpoints=2), progress=False)
-    names = [p.name for p in ckpt.list_checkpoints(result.run_dir / "checkpoints")]
+    names = [p.name for p in runs.list_checkpoints(result.run_dir / "checkpoints")]
     assert names == ["step-0000006", "step-0000008"]
-    model, cfg, _ = ckpt.load_for_inference(result.run_dir)
+    model, cfg, _ = runs.load_for_inference(result.run_dir)
     assert cfg.model == tiny_config()
     tokens = torch.randint(0, 80, (2, 16), generator=torch.Generator().manual_seed(0))
     weights = load_file(result.checkpoint / "model.safetensors")
@@ -243,9 +244,9 @@ def test_non_finite_loss_stops_naming_step_and_modality_and_keeps_the_checkpoint
     with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss for modality image") as err:
         trainer.fit()
     assert "step-0000002" in str(err.value)
-    saved = ckpt.list_checkpoints(tmp_path / "tiny" / "checkpoints")
+    saved = runs.list_checkpoints(tmp_path / "tiny" / "checkpoints")
     assert [p.name for p in saved] == ["step-0000002"]
-    state = ckpt.load_model_state(saved[0])
+    state = runs.load_model_state(saved[0])
     assert all(torch.isfinite(t).all() for t in state.values())
     rows = read_log(tmp_path / "tiny" / "log.jsonl")
     assert rows[-1]["kind"] == "error" and rows[-1]["step"] == 3
@@ -272,7 +273,7 @@ def test_killing_the_process_while_it_writes_a_checkpoint_leaves_the_previous_on
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
-                done = len(ckpt.list_checkpoints(folder))
+                done = len(runs.list_checkpoints(folder))
                 if done >= 2 and any(p.name.startswith(".tmp-") for p in folder.iterdir()):
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_mid_write = True
@@ -285,11 +286,11 @@ def test_killing_the_process_while_it_writes_a_checkpoint_leaves_the_previous_on
         if killed_mid_write:
             break
     assert killed_mid_write, "never caught the process inside a checkpoint write"
-    complete = ckpt.list_checkpoints(folder)
+    complete = runs.list_checkpoints(folder)
     assert complete, "the kill left no complete checkpoint"
     for path in complete:  # every listed checkpoint loads
         ckpt.load_training_state(path)
-        state = ckpt.load_model_state(path)
+        state = runs.load_model_state(path)
         assert state["embed.weight"].shape[1] == 128
     # ... and the run resumes from the newest one, clearing the half-written folder.
     last = int(complete[-1].name[5:])
@@ -335,7 +336,7 @@ def test_train_command_prepares_the_demo_corpus_and_trains(tmp_path, monkeypatch
     assert main(["train", str(recipe), *overrides]) == 0
     run = tmp_path / "runs" / "demo"
     assert (tmp_path / "demo" / "shards" / "manifest.json").is_file()
-    assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-0000004"
+    assert runs.latest_checkpoint(run / "checkpoints").name == "step-0000004"
     assert (run / "loss_curves.png").is_file() and (run / "tokenizers" / "image" / "vqgan.safetensors").is_file()
     manifest = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert manifest["documents"] > 0 and set(manifest["tokenizers"]) == {"text", "image", "speech"}

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mot.train.checkpoint import CheckpointError, load_for_inference
+    from mot.runs import CheckpointError, load_for_inference
 
     try:
         if overrides:

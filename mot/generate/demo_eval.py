@@ -87,7 +87,7 @@ def colour_match(model: MoTTransformer, tokenizers: dict[str, Any], per_colour: 
 def write_demo_samples(run_dir: str | Path, per_colour: int = 8, guidance_scale: float = 3.0) -> dict[str, Any]:
     """The demo run's samples: colour-match score and grid, and an HTML page of a few prompts."""
     from mot.generate.page import generate_page  # torchvision and soundfile: only when writing pages
-    from mot.train.checkpoint import load_for_inference
+    from mot.runs import load_for_inference
 
     run_dir = Path(run_dir)
     out = run_dir / "samples"

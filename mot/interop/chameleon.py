@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mot import runs
 from mot.config import (
     ConfigError,
     ModalityConfig,
@@ -249,7 +250,7 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     vqgan: (checkpoint, YAML) of the taming-format VQGAN released with the model: the image tokenizer then has
     its decoder (checked to be the same VQGAN)."""
     folder, out = Path(folder), Path(out)
-    if ckpt.list_checkpoints(out / "checkpoints"):
+    if runs.list_checkpoints(out / "checkpoints"):
         raise ChameleonImportError(f"--out {out}: already holds checkpoints; choose a new folder")
     config, hf = read_hf_folder(folder)
     if "vocabulary_map" not in config:
@@ -289,8 +290,8 @@ def import_hf(folder: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
 def export_hf(run: str | Path, out: str | Path) -> Path:
     """Write OUT as a Hugging Face Chameleon folder (config.json, model.safetensors) of a dense run's latest
     checkpoint (or of the checkpoint folder RUN)."""
-    found = ckpt.resolve_checkpoint(run)
-    meta = ckpt.read_meta(found)
+    found = runs.resolve_checkpoint(run)
+    meta = runs.read_meta(found)
     cfg = config_from_dict(meta["config"], where=f"{found}/meta.json").model
     _check_exportable(cfg)
     run_dir = found.parent.parent
@@ -301,7 +302,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
                                    f"{VOCAB_FILE} to map its ids back; copy it from the imported run folder")
     vocab = ChameleonVocab.from_dict(saved["mapping"]) if saved else identity_vocab(UnifiedVocab(cfg))
     table = vocab.mot_to_hf(UnifiedVocab(cfg))
-    hf = state_to_hf(ckpt.load_model_state(found), cfg, table, vocab.hf_size)
+    hf = state_to_hf(runs.load_model_state(found), cfg, table, vocab.hf_size)
     if (run_dir / VQVAE_FILE).is_file():
         hf.update(load_file(str(run_dir / VQVAE_FILE)))
     out = Path(out)

@@ -25,7 +25,7 @@ def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> int:
     if bool(args.vqgan) != bool(args.vqgan_yaml):
         raise ConfigError("mot import-hf: --vqgan and --vqgan-yaml go together (taming's checkpoint and config)")
     path = import_hf(args.folder, args.out, DTYPES[args.dtype], (args.vqgan, args.vqgan_yaml) if args.vqgan else None)
-    from mot.train.checkpoint import load_for_inference
+    from mot.runs import load_for_inference
 
     _, cfg, tokenizers = load_for_inference(path)
     print(f"mot import-hf: {args.folder} -> {path}")

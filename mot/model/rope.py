@@ -16,7 +16,7 @@ class RotaryEmbedding(nn.Module):
 
     Tables held in memory matter on the GPU: computed from positions inside the
     compiled graph, inductor fuses cos/sin into every consumer and recomputes
-    them per head (measured: ~3 ms of a 25 ms step at d=2048, 8k tokens).
+    them per head (its cost: bench/NOTES.md, "Figures moved out of code comments").
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):

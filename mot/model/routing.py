@@ -27,9 +27,9 @@ from mot.model.tower_matmul import tower_mm
 # CPU bf16/fp32).
 GROUPED_MM = "auto"
 # On CUDA, projections of fewer multiply-accumulates (rows x in x out) than this take the grouped matmul even with
-# host counts: each per-tower op call costs host time (~0.3-0.5 ms, inferred from step times on an H100 host),
-# which a small model cannot hide (the 83M demo_gpu recipe's largest projection is 1.3e10; the ~1B recipe's
-# smallest 3.4e10).
+# host counts: each per-tower op call costs host time, which a small model cannot hide. The threshold sits
+# between the demo_gpu recipe's largest projection and the ~1B recipe's smallest (bench/NOTES.md, "Figures
+# moved out of code comments").
 PER_TOWER_MIN_MACS = 2 * 10**10
 
 
@@ -52,7 +52,7 @@ class _ExpandTowerRows(torch.autograd.Function):
 
     The default backward of an index is an index_add with N rows landing on a
     handful of tower rows (atomic contention on the GPU); one one-hot matmul
-    sums them instead (bench/NOTES.md: ~0.4 ms of a 25 ms step at d=2048).
+    sums them instead (bench/NOTES.md, "Figures moved out of code comments").
     """
 
     @staticmethod
@@ -66,7 +66,7 @@ class _ExpandTowerRows(torch.autograd.Function):
         (tower,) = ctx.saved_tensors
         rows = grad.reshape(grad.shape[0], -1)
         # One-hot columns padded to a multiple of 8: with 3 towers the GEMM's operands are misaligned and cuBLAS
-        # falls back to an old unaligned kernel (1.4 ms per step at d=2048, bench/NOTES.md).
+        # falls back to an old unaligned kernel (its cost: bench/NOTES.md).
         width = -(-ctx.n_towers // 8) * 8
         sums = F.one_hot(tower, width).to(rows.dtype).transpose(0, 1) @ rows
         return sums[: ctx.n_towers].reshape(ctx.n_towers, *grad.shape[1:]), None

@@ -16,8 +16,8 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from mot.generate.prompt import GenerationError
     from mot.generate.session import Session
+    from mot.runs import load_for_inference
     from mot.serve.app import create_app
-    from mot.train.checkpoint import load_for_inference
 
     if overrides:
         raise ConfigError(f"mot serve: unexpected arguments {overrides}")

@@ -52,7 +52,7 @@ def clip_gradients(optimizer: torch.optim.Optimizer, parameters, max_norm: float
 
     A fused AdamW (and MasterWeightAdamW) clips inside its own kernel: its `grad_scale` (the protocol torch's
     GradScaler uses) divides every gradient as it is read, which saves a separate pass over all gradients
-    (bench/NOTES.md: 3.8 ms per step for a 2.7B-parameter MoT on an H100). Anything else (FSDP's DTensor
+    (its saving: bench/NOTES.md). Anything else (FSDP's DTensor
     gradients) is clipped in place as `torch.nn.utils.clip_grad_norm_` does. Either way:
     grad * min(1, max_norm / (norm + 1e-6)).
     """

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mot import runs
 from mot.config import ConfigError, RunConfig, config_to_dict
 from mot.data.loader import PackedBatch
 from mot.flops import size_report
@@ -119,11 +120,11 @@ def _prepare_run_dir(
     run_dir = Path(cfg.train.out_dir) / cfg.name
     checkpoints = run_dir / "checkpoints"
     if resume:
-        source = ckpt.resolve_checkpoint(checkpoints if resume is True else resume)
+        source = runs.resolve_checkpoint(checkpoints if resume is True else resume)
         return run_dir, source
-    if ckpt.list_checkpoints(checkpoints) and not overwrite:
+    if runs.list_checkpoints(checkpoints) and not overwrite:
         raise ConfigError(f"{where}: {run_dir} already holds checkpoints (latest "
-                          f"{ckpt.latest_checkpoint(checkpoints).name}); pass --resume to continue that run, "
+                          f"{runs.latest_checkpoint(checkpoints).name}); pass --resume to continue that run, "
                           "--overwrite to start it again, or --name=... for a new run")
     return run_dir, None
 
@@ -183,7 +184,7 @@ class Trainer:
 
             meta = load_weights_into(model, init_from, where)
             if acc.is_main_process:  # an imported model's vocabulary mapping goes with its weights (export-hf)
-                carry_interop_files(ckpt.resolve_checkpoint(init_from).parent.parent, self.run_dir)
+                carry_interop_files(runs.resolve_checkpoint(init_from).parent.parent, self.run_dir)
                 print(f"mot: weights from {init_from} ({meta.get('operation', 'trained')}); "
                       "fresh optimizer, schedule and data order")
         # Before any wrapping renames the parameters; a bad entry fails here, before the loaders start.
@@ -260,7 +261,7 @@ class Trainer:
             raise ConfigError(f"{self.where}: cannot resume from {path} with train.freeze = {self.cfg.train.freeze}: "
                               f"it was trained with {saved_freeze}; start a new run with --init-from {path}")
         options = StateDictOptions(full_state_dict=True)
-        model_state = ckpt.load_model_state(path)
+        model_state = runs.load_model_state(path)
         set_model_state_dict(self.model, model_state, options=options)
         if self.master_weights:  # the fp32 weights as saved, not the bf16 copies the model now holds
             self.optimizer.optimizer.load_masters(model_state)
@@ -505,7 +506,7 @@ class Trainer:
 
     def _handle_non_finite(self, problem: str, log: MetricsLog | None) -> None:
         t = self.cfg.train
-        last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        last = runs.latest_checkpoint(self.run_dir / "checkpoints")
         if log is not None:
             log.write("error", self.step + 1, {"message": problem})
         self.skipped += 1
