@@ -11,8 +11,11 @@ Conventions (the ones torchtitan and the PaLM appendix use):
   are not counted (each is O(D) per token against O(D^2)).
 - Backward costs twice the forward, so forward+backward = 3x forward.
 - Attention: `causal` counts the average causal context (T+1)/2 per token,
-  the work a causal kernel must do; `full` counts the whole T x T square, what
-  FlopCounterMode reports for an SDPA call.
+  the work a causal kernel must do over a whole row; `full` counts the whole
+  T x T square, what FlopCounterMode reports for an SDPA call. Training batches
+  are packed documents under a document mask: the trainer counts their
+  attention exactly, from each batch's documents (`attention_pairs`), for its
+  FLOPs and MFU; the full-row causal figure stands beside it, labelled so.
 - A MoT token goes through exactly one tower, so MoT and dense of the same
   width do the same FLOPs per token; MoT holds more parameters.
 - Diffusion modalities (Transfusion setting): a latent token also runs its
@@ -140,6 +143,38 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: Attenti
     """Forward FLOPs of QK^T and AV for one token, all layers."""
     context = (seq_len + 1) / 2 if attention == "causal" else seq_len
     return cfg.n_layers * 2 * 2 * cfg.dim * context
+
+
+def attention_pairs(document_ids: torch.Tensor, span_ids: torch.Tensor | None = None) -> int:
+    """(query, key) pairs a training mask lets attend, over a (B, T) batch: each packed document's causal
+    triangle L (L + 1) / 2 (itself included), plus, inside every bidirectional span of n tokens (a diffusion
+    image, `span_ids` >= 0), the n (n - 1) / 2 pairs where a token sees a later one of its span. What
+    `document_causal_mask` / `mixed_mask` hold True, counted without the T x T mask; documents and spans
+    are contiguous runs of their ids in a row, as the loader and the latent batcher lay them out."""
+
+    def run_lengths(row: torch.Tensor) -> torch.Tensor:
+        return torch.unique_consecutive(row, return_counts=True)[1].to(torch.int64)
+
+    total = 0
+    for b in range(document_ids.shape[0]):
+        lengths = run_lengths(document_ids[b])
+        total += int((lengths * (lengths + 1) // 2).sum())
+        if span_ids is not None:
+            values, counts = torch.unique_consecutive(span_ids[b], return_counts=True)
+            n = counts[values >= 0].to(torch.int64)
+            total += int((n * (n - 1) // 2).sum())
+    return total
+
+
+def attention_flops(cfg: ModelConfig, pairs: int) -> float:
+    """Forward FLOPs of QK^T and AV over `pairs` (query, key) pairs, all layers (backward: twice that)."""
+    return cfg.n_layers * 2 * 2 * cfg.dim * pairs
+
+
+def projection_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs per token of everything but attention's QK^T and AV (projections, head, latent
+    projections), mixed over the modalities' token fractions: the part that does not depend on the mask."""
+    return size_report(cfg, 0, attention="full").flops_forward_backward_mixed  # no context: attention is 0
 
 
 def size_report(cfg: ModelConfig, seq_len: int, attention: AttentionCount = "causal") -> SizeReport:

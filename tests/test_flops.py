@@ -196,3 +196,84 @@ def test_hand_computed_image_sampling_flops():
         diffusion_image_sampling_flops(cfg, "text", steps=3, prefix_len=5)
     with pytest.raises(ValueError, match="codes"):
         ar_image_sampling_flops(cfg, "text", prefix_len=5)
+
+
+def _packed_ids(generator: torch.Generator, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) document ids (runs of random lengths) and span ids (-1, or k inside the row's k-th span)."""
+    documents, spans = torch.zeros(batch, seq_len, dtype=torch.long), torch.full((batch, seq_len), -1)
+    for b in range(batch):
+        t, doc, span = 0, 0, 0
+        while t < seq_len:
+            length = int(torch.randint(1, 24, (), generator=generator))
+            documents[b, t : t + length] = doc
+            if length > 6:  # a bidirectional span inside the document
+                start = t + int(torch.randint(0, length - 5, (), generator=generator))
+                spans[b, start : start + 5] = span
+                span += 1
+            t, doc = t + length, doc + 1
+    return documents, spans
+
+
+def test_attention_pairs_count_what_the_training_masks_allow(generator):
+    from mot.data.loader import document_causal_mask
+    from mot.flops import attention_pairs
+    from mot.model.masks import mixed_mask
+
+    documents, spans = _packed_ids(generator, 3, 97)
+    assert attention_pairs(documents) == int(document_causal_mask(documents).sum())
+    assert attention_pairs(documents, spans) == int(mixed_mask(documents, spans).sum())
+    one = torch.zeros(2, 50, dtype=torch.long)  # one document per row: the full-row causal triangle
+    assert attention_pairs(one) == 2 * 50 * 51 // 2
+
+
+@pytest.mark.parametrize("name", ["mot", "dense", "mot gqa"])
+def test_masked_count_of_one_document_rows_is_the_full_causal_count(name):
+    from mot.flops import attention_flops, attention_pairs, projection_flops_per_token
+
+    cfg, batch, seq_len = CONFIGS[name], 3, 64
+    pairs = attention_pairs(torch.zeros(batch, seq_len, dtype=torch.long))
+    masked = batch * seq_len * projection_flops_per_token(cfg) + 3 * attention_flops(cfg, pairs)
+    full = batch * seq_len * size_report(cfg, seq_len, attention="causal").flops_forward_backward_mixed
+    assert masked == pytest.approx(full, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mot", "mot gqa", "dense"])
+def test_flops_match_a_mask_routed_model_of_plain_matmuls(name, generator):
+    """No formula of ours on either side: the slow oracle routes with boolean masks and multiplies with plain
+    `@` per tower (FlopCounterMode's own mm/bmm counts), attention as explicit float64 matmuls over the
+    whole T x T square; against size_report's count with attention = "full"."""
+    from mot.model.reference import mask_routed_forward
+
+    cfg = CONFIGS[name]
+    batch, seq_len = 2, 32
+    model = MoTTransformer(cfg).double()
+    tokens = tokens_for_layout(random_layout(batch, seq_len, [0, 1, 2], 12, generator), model.vocab, generator)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        mask_routed_forward(model, tokens).square().mean().backward()
+    predicted = size_report(cfg, seq_len, attention="full").flops_forward_backward_mixed * batch * seq_len
+    assert counter.get_total_flops() == pytest.approx(predicted, rel=1e-12)
+
+
+def test_the_trainer_counts_attention_under_each_batchs_document_mask(tmp_path, monkeypatch):
+    """flops in the log: projections per token plus attention over the pairs each batch's mask allows, less than
+    the full-row causal count for packed short documents."""
+    from mot.flops import attention_flops, attention_pairs, projection_flops_per_token
+    from mot.train import trainer as trainer_module
+    from tests.runs import make_shards, run_config
+
+    seen = []
+
+    def recording(document_ids, span_ids=None):
+        seen.append(attention_pairs(document_ids, span_ids))
+        return seen[-1]
+
+    monkeypatch.setattr(trainer_module, "attention_pairs", recording)
+    cfg = run_config(make_shards(tmp_path / "shards"), tmp_path, steps=3, micro_batch_size=2, eval_every=0)
+    result = trainer_module.train(cfg, progress=False)
+    summary = __import__("json").loads((result.run_dir / "summary.json").read_text())
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    assert len(seen) == cfg.train.steps * 2  # one count per micro-batch
+    expected = tokens * projection_flops_per_token(cfg.model) + 3 * attention_flops(cfg.model, sum(seen))
+    assert summary["flops"] == pytest.approx(expected, rel=1e-12)
+    full = tokens * size_report(cfg.model, cfg.train.seq_len).flops_forward_backward_mixed
+    assert summary["flops"] < full

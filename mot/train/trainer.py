@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mot import runs
 from mot.config import ConfigError, RunConfig, config_to_dict
 from mot.data.loader import PackedBatch
-from mot.flops import size_report
+from mot.flops import attention_flops, attention_pairs, projection_flops_per_token, size_report
 from mot.interop.run_files import carry_interop_files
 from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
@@ -147,13 +147,15 @@ class _Window:
     def __init__(self, n_modalities: int):
         self.loss_sum = torch.zeros(n_modalities, dtype=torch.float64)
         self.count = torch.zeros(n_modalities, dtype=torch.float64)
-        self.weighted, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+        self.weighted, self.steps, self.tokens, self.seconds, self.flops = 0.0, 0, 0, 0.0, 0.0
 
-    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, weighted: float, tokens: int, seconds: float):
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, weighted: float, tokens: int, seconds: float,
+            flops: float):
         self.loss_sum += loss_sum.double()
         self.count += count.double()
         self.weighted += weighted
         self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+        self.flops += flops
 
 
 def per_modality(names: list[str], loss_sum: torch.Tensor, count: torch.Tensor, prefix: str = "loss/") -> dict:
@@ -224,8 +226,11 @@ class Trainer:
         self.train_batches = RankSlice(self.train_loader, acc.process_index, acc.num_processes)
 
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        report = size_report(cfg.model, cfg.train.seq_len, attention="causal")
-        self.flops_per_token = report.flops_forward_backward_mixed
+        # FLOPs as computed: projections per token, attention under each batch's document mask (train_step);
+        # the full-row causal count, what a model without document masks would do, is logged beside it.
+        self.projection_flops = projection_flops_per_token(cfg.model)
+        self.full_causal_flops_per_token = size_report(cfg.model, cfg.train.seq_len).flops_forward_backward_mixed
+        self.step_flops = 0.0
         self.peak = peak_flops(acc.device, cfg.train.peak_tflops)
         self.step, self.tokens_seen, self.wall_s, self.skipped, self.skipped_in_row = 0, 0, 0.0, 0, 0
         self.flops_seen = 0.0  # summed step by step: after `mot grow`, earlier tokens keep their old cost
@@ -270,20 +275,24 @@ class Trainer:
         self.train_loader.load_state_dict(meta["loader"])
         ckpt.restore_rng(rng, meta.get("python_rng"))
         self.step, self.tokens_seen, self.wall_s = meta["step"], meta["tokens_seen"], meta["wall_s"]
-        self.flops_seen = meta.get("flops_seen", self.tokens_seen * self.flops_per_token)
+        self.flops_seen = meta.get("flops_seen", self.tokens_seen * self.full_causal_flops_per_token)
         self.skipped = meta.get("skipped_steps", 0)
         if self.accelerator.is_main_process:
             print(f"mot: resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------ one step
 
-    def _batch(self, batch: PackedBatch) -> PackedBatch | LatentBatch:
-        """A loader batch on the device; with diffusion modalities, its image spans turned into latents."""
+    def _host_batch(self, batch: PackedBatch) -> PackedBatch | LatentBatch:
+        """A loader batch with diffusion modalities' image spans turned into latents, its towers counted."""
         if self.batcher is not None:
             batch = self.batcher(batch)
         if batch.modality.device.type == "cpu":  # counted here, the blocks never read them back from the GPU
             batch = batch.counted(len(self.names))
-        return batch.to(self.accelerator.device, non_blocking=True)
+        return batch
+
+    def _batch(self, batch: PackedBatch) -> PackedBatch | LatentBatch:
+        """A loader batch on the device (see `_host_batch`)."""
+        return self._host_batch(batch).to(self.accelerator.device, non_blocking=True)
 
     def _loss(self, batch: PackedBatch | LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality loss sums and prediction counts of one micro-batch (for a diffusion modality: the
@@ -334,8 +343,11 @@ class Trainer:
         predictions = self.accum * self.micro * (self.cfg.train.seq_len - 1)
         loss_sum = torch.zeros(n, device=acc.device)
         count = torch.zeros(n, device=acc.device)
+        pairs = 0
         for micro in range(self.accum):
-            batch = self._batch(next(self.train_batches))
+            batch = self._host_batch(next(self.train_batches))
+            pairs += attention_pairs(batch.document_ids, getattr(batch, "span_ids", None))  # on the host: no sync
+            batch = batch.to(acc.device, non_blocking=True)
             # Gradients are all-reduced once, on the last micro-batch.
             sync = nullcontext() if micro == self.accum - 1 else acc.no_sync(self.model)
             if self.sharded and self.cfg.train.fsdp_keep_gathered:
@@ -363,6 +375,9 @@ class Trainer:
         totals = torch.cat([totals, grad_norm.detach().reshape(1).float()]).cpu()  # the step's one host sync
         loss_sum, count, grad_norm = totals[:n], totals[n : 2 * n], float(totals[-1])
         weighted = self._weighted(loss_sum, count)
+        if acc.num_processes > 1:  # every process's rows of the global batch
+            pairs = int(acc.reduce(torch.tensor([pairs], dtype=torch.int64, device=acc.device), reduction="sum"))
+        self.step_flops = self.tokens_per_step * self.projection_flops + 3 * attention_flops(self.cfg.model, pairs)
         return loss_sum, count, weighted, grad_norm
 
     def _weighted(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float:
@@ -468,11 +483,11 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                self.flops_seen += self.tokens_per_step * self.flops_per_token
+                self.flops_seen += self.step_flops
                 self.wall_s += seconds
                 result.losses.append(weighted)
                 if problem is None:
-                    window.add(loss_sum, count, weighted, self.tokens_per_step, seconds)
+                    window.add(loss_sum, count, weighted, self.tokens_per_step, seconds, self.step_flops)
                 bar.update(1)
 
                 if main and window.steps and (self.step % max(t.log_every, 1) == 0 or self.step == until):
@@ -528,8 +543,10 @@ class Trainer:
         row.update(per_modality(self.names, window.loss_sum, window.count))
         row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                     "step_ms": 1e3 * window.seconds / window.steps, **self._counters()})
-        if self.peak:
-            row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.accelerator.num_processes)
+        if self.peak:  # per device: the step's FLOPs over every process
+            devices = self.peak * self.accelerator.num_processes
+            row["mfu"] = window.flops / window.seconds / devices
+            row["mfu_full_causal"] = tokens_per_s * self.full_causal_flops_per_token / devices
         return row
 
     def _postfix(self, row: dict[str, Any]) -> dict[str, str]:
