@@ -312,7 +312,9 @@ def test_logs_tensorboard_plot_and_summary(shards, tmp_path):
     for key in ("loss", "loss/text", "loss/image", "loss/speech", "lr", "grad_norm", "tokens_per_s", "flops"):
         assert key in train_rows[-1], key
     assert eval_rows[-1]["ppl/text"] == pytest.approx(math.exp(eval_rows[-1]["loss/text"]))
-    assert eval_rows[1]["flops"] == 2 * eval_rows[0]["flops"] > 0
+    # Attention is counted under each batch's document mask, so the halves differ by their batches' documents.
+    assert eval_rows[1]["flops"] > eval_rows[0]["flops"] > 0
+    assert eval_rows[1]["flops"] == pytest.approx(2 * eval_rows[0]["flops"], rel=0.05)
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((result.run_dir / "summary.json").read_text())
