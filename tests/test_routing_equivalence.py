@@ -27,6 +27,15 @@ def _logits_and_grads(model, forward, tokens):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_matches_mask_reference(model, tokens):
+    """Logits and every gradient of the sorted routing against the float64 mask-routed oracle."""
+    ours, our_grads = _logits_and_grads(model, model, tokens)
+    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 @pytest.mark.parametrize("placement", ["pre", "chameleon"])
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -37,12 +46,8 @@ def test_sorted_routing_equals_mask_reference_float64(layout_name, placement, qk
     layout = random_layout(3, 40, LAYOUTS[layout_name], max_span=9, generator=generator)
     tokens = tokens_for_layout(layout, model.vocab, generator)
 
-    ours, our_grads = _logits_and_grads(model, model, tokens)
-    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
 
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_matches_mask_reference(model, tokens)
 
 
 @pytest.mark.parametrize("kv_heads", [0, 2, 1])
@@ -55,11 +60,7 @@ def test_grouped_query_attention_and_head_norms_equal_mask_reference(kv_heads, q
     randomize_norms(model, generator)  # gains and the q/k norms' biases differ per tower (and per head)
     assert model.blocks[0].attn.qkv.weight.shape[1] == cfg.dim + 2 * cfg.kv_dim
     tokens = tokens_for_layout(random_layout(2, 33, [0, 1, 2], 7, generator), model.vocab, generator)
-    ours, our_grads = _logits_and_grads(model, model, tokens)
-    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_matches_mask_reference(model, tokens)
 
 
 @pytest.mark.parametrize("untie", [["ffn"], ["attn"], ["norm"], ["attn", "norm"]])
@@ -69,11 +70,7 @@ def test_partial_untying_equals_mask_reference(untie, generator):
     model = MoTTransformer(cfg).double()
     randomize_norms(model, generator)
     tokens = tokens_for_layout(random_layout(2, 33, [0, 1, 2], 7, generator), model.vocab, generator)
-    ours, our_grads = _logits_and_grads(model, model, tokens)
-    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_matches_mask_reference(model, tokens)
 
 
 @pytest.mark.parametrize("layout_name", ["all three", "no image"])
