@@ -121,3 +121,23 @@ def test_batches_carry_host_counts_through_the_move_to_a_device():
     batch = PackedBatch(modality, modality, modality, modality).counted(4)
     assert batch.tower_counts == (3, 1, 4, 0)
     assert batch.to("cpu").tower_counts is batch.tower_counts
+
+
+@pytest.mark.parametrize("recipe, expected", [("recipes/demo_gpu.toml", "grouped"),
+                                              ("recipes/paper/chameleon_1_5b.toml", "per_tower")])
+def test_per_tower_threshold_sits_between_the_demo_and_the_1b_recipe(recipe, expected):
+    """On CUDA a projection takes one GEMM per tower from `PER_TOWER_MIN_MACS` multiply-accumulates up: every
+    projection of the host-bound demo_gpu recipe stays under it (grouped kernel), every one of the ~1B recipe
+    is over it (per-tower GEMMs). tests/gpu/test_routing_gpu.py checks both kernels against the oracle."""
+    from mot.config import load_config
+
+    cfg = load_config(recipe)
+    rows = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.train.seq_len
+    with torch.device("meta"):
+        model = MoTTransformer(cfg.model)
+    sizes = [rows * m.weight.shape[1] * m.weight.shape[2]
+             for m in model.modules() if isinstance(m, routing.TowerLinear)]
+    if expected == "grouped":
+        assert max(sizes) < routing.PER_TOWER_MIN_MACS
+    else:
+        assert min(sizes) >= routing.PER_TOWER_MIN_MACS
