@@ -2,11 +2,13 @@
 (and the one-GPU options torch.compile and activation checkpointing, which must not change the curve).
 
     python3 bench/multi_gpu.py [--recipe recipes/demo_gpu.toml] [--steps 300] [--out DIR] [--variants ...]
+    python3 bench/multi_gpu.py --smoke   # CPU, seconds: a tiny model and corpus, 1 process against 2 (gloo DDP)
 
 Every run sees the same global batches (the loader packs one global stream and each process takes its rows),
 so the curves differ only by bf16 arithmetic and reduction order. Runs one after the other on this machine,
 then prints per-step loss differences and the median tokens/s of each run after warm-up.
 NVLink multicast stays off: NCCL_NVLS_ENABLE=0 and friends are kept (set if missing) for every launch.
+The smoke leaves out FSDP: on the CPU accelerate runs its plugin as plain DDP, so it would test nothing more.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,15 +68,19 @@ def launch(name: str, processes: str, extra: list[str], args: argparse.Namespace
             "tokens_per_s": statistics.median(steady), "mfu": statistics.median(r.get("mfu", 0) for r in train)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/demo_gpu.toml")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default="/tmp/mot_multi_gpu")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--json", default="", help="write the results here")
-    args, args.overrides = parser.parse_known_args()
+def smoke_recipe(folder: Path) -> str:
+    """A recipe of the tests' tiny model and corpus (tests/runs.py), 2 sequences per micro-batch: 1 process
+    accumulates 2 micro-batches, 2 processes take one each, so both see the same global batches."""
+    sys.path.insert(0, str(ROOT))
+    from tests.runs import make_shards, run_config, write_recipe
 
+    cfg = run_config(make_shards(folder / "shards"), folder, micro_batch_size=2, eval_every=4, checkpoint_every=4)
+    write_recipe(folder / "smoke.toml", cfg)
+    return str(folder / "smoke.toml")
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Launch the variants one after the other and print their table."""
     results = [launch(v, *VARIANTS[v], args) for v in args.variants]
     ok = [r for r in results if r["ok"]]
     if not ok:
@@ -100,6 +107,24 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/demo_gpu.toml")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--out", default="/tmp/mot_multi_gpu")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: all")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and corpus on the CPU, 4 steps")
+    args, args.overrides = parser.parse_known_args()
+    if not args.smoke:
+        args.variants = args.variants or list(VARIANTS)
+        return compare(args)
+    with tempfile.TemporaryDirectory(prefix="mot-multi-gpu-") as folder:
+        args.out, args.recipe, args.steps = folder, smoke_recipe(Path(folder)), 4
+        args.variants = args.variants or ["1gpu", "2gpu-ddp"]
+        return compare(args)
 
 
 if __name__ == "__main__":

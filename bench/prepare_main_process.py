@@ -3,6 +3,7 @@
 so no GPU is needed and only the main process's own work is left. Profiled with cProfile.
 
     python bench/prepare_main_process.py --samples 4000 --workers 2 [--log TAG]
+    python bench/prepare_main_process.py --smoke    # 40 samples, seconds: checks the script
 
 Prints main-process CPU seconds per document (wall time less the time spent waiting for workers) and the
 functions that take most of it; with --log, writes the report to bench/results/prepare_main_<TAG>_<date>.txt.
@@ -38,14 +39,8 @@ def zeros_for_media(self, chunk):
     return {"codes": codes, "units": units}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=4000, help="demo samples (about 2.2 documents each)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--log", default=None, help="write the report to bench/results/prepare_main_<TAG>_<date>.txt")
-    args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp())
+def profile_prepare(folder: Path, args: argparse.Namespace) -> str:
+    """Prepare the samples written into `folder` under cProfile; the report."""
     write_shards("demo", folder / "tars", samples=args.samples, per_tar=1000, workers=args.workers,
                  audio_fraction=0.1)
     pipeline.ChunkLoop.run = lambda self, work, finish: self._run_with_device(work, finish)
@@ -65,7 +60,21 @@ def main() -> None:
     out.write(f"main process: {(wall - waited) / stats.documents * 1e6:.0f} us per document "
               f"(wall less waiting; includes start-up)\n\n")
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-    report = out.getvalue()
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=4000, help="demo samples (about 2.2 documents each)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--log", default=None, help="write the report to bench/results/prepare_main_<TAG>_<date>.txt")
+    parser.add_argument("--smoke", action="store_true", help="40 samples: checks the script in seconds")
+    args = parser.parse_args()
+    if args.smoke:
+        args.samples = 40
+    with tempfile.TemporaryDirectory(prefix="mot-prepare-main-") as folder:
+        report = profile_prepare(Path(folder), args)
     print(report)
     if args.log:
         path = ROOT / "bench" / "results" / f"prepare_main_{args.log}_{datetime.date.today()}.txt"

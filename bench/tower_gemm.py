@@ -2,6 +2,7 @@
 tower (one cuBLAS GEMM per tower slice, written into slices of one output), at the ~1B recipe's shapes.
 
     python3 bench/tower_gemm.py [--dim 2048 --tokens 8192 16384]
+    python3 bench/tower_gemm.py --smoke     # tiny shapes on the CPU, seconds: checks the script
 
 For every projection (QKV, attention out, FFN w13 and w2) and every token count it times the forward
 (x @ W.T), the input gradient (dy @ W) and the weight gradient (dy.T @ x), the last also with the fp32
@@ -9,15 +10,18 @@ accumulation that gradient accumulation needs: "bf16 + stash" (the bf16 gradient
 what MasterWeightAdamW.stash_gradients does) against "fused" (`addmm` with an fp32 output accumulating in
 place: cuBLAS reads and writes the fp32 sum in its epilogue). The tokens are split over the 3 towers in the
 demo layout's proportions (1656 / 5120 / 1416 of 8192). Median of triton's do_bench (L2 flushed), in ms, and
-the ratio to dense.
+the ratio to dense. On the CPU (--smoke) the times are host-timed and "fused" casts the operands to fp32 first
+(the CPU has no addmm with an fp32 output of bf16 operands), so only the script is checked, not the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
+import time
 
 import torch
-from triton.testing import do_bench
 
 
 def split(n: int) -> list[int]:
@@ -33,8 +37,34 @@ def bounds(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def time_projection(name: str, n: int, d_in: int, d_out: int, towers: int = 3) -> list[tuple[str, float]]:
-    dev = "cuda"
+def bench_ms(fn, dev: str) -> float:
+    """Median ms of fn: triton's do_bench on the GPU; on the CPU a few host-timed calls."""
+    if dev == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200)
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def addmm_dtype_out(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, bf16 operands into the fp32 total in one cuBLAS call."""
+    torch.ops.aten.addmm.dtype_out(total, a, b, torch.float32, out=total)
+
+
+def addmm_upcast(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """The CPU's stand-in for addmm_dtype_out, which has no CPU kernel."""
+    total.addmm_(a.float(), b.float())
+
+
+def time_projection(name: str, n: int, d_in: int, d_out: int, dev: str, towers: int = 3
+                    ) -> list[tuple[str, float]]:
+    fused_addmm = addmm_dtype_out if dev == "cuda" else addmm_upcast
     counts = split(n)
     rows = bounds(counts)
     offs = torch.tensor([b for _, b in rows], device=dev, dtype=torch.int32)
@@ -63,7 +93,7 @@ def time_projection(name: str, n: int, d_in: int, d_out: int, towers: int = 3) -
 
     def per_tower_wgrad_fused():
         for i, (a, b) in enumerate(rows):
-            torch.ops.aten.addmm.dtype_out(dw_sum[i], dy[a:b].t(), x[a:b], torch.float32, out=dw_sum[i])
+            fused_addmm(dw_sum[i], dy[a:b].t(), x[a:b])
 
     def grouped_wgrad_stash():
         g = torch._grouped_mm(dy.t(), x, offs=offs)
@@ -74,7 +104,7 @@ def time_projection(name: str, n: int, d_in: int, d_out: int, towers: int = 3) -
         dw_dense_sum.add_(dw_dense)
 
     def dense_wgrad_fused():
-        torch.ops.aten.addmm.dtype_out(dw_dense_sum, dy.t(), x, torch.float32, out=dw_dense_sum)
+        fused_addmm(dw_dense_sum, dy.t(), x)
 
     # Correctness of the per-tower and grouped forms against a float32 loop.
     ref = torch.cat([x[a:b].float() @ w[i].float().t() for i, (a, b) in enumerate(rows)])
@@ -100,7 +130,7 @@ def time_projection(name: str, n: int, d_in: int, d_out: int, towers: int = 3) -
         ("wgrad+acc grouped bf16+stash", grouped_wgrad_stash),
         ("wgrad+acc per-tower fused", per_tower_wgrad_fused),
     ]
-    return [(f"{name} N={n} {label}", do_bench(fn, warmup=25, rep=200)) for label, fn in cases]
+    return [(f"{name} N={n} {label}", bench_ms(fn, dev)) for label, fn in cases]
 
 
 def main() -> int:
@@ -108,14 +138,21 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.smoke:
+        dev, args.dim, args.ffn, args.tokens = "cpu", 64, 128, [256]
+    elif torch.cuda.is_available():
+        dev = "cuda"
+    else:
+        sys.exit("bench/tower_gemm.py needs a CUDA GPU (or --smoke)")
+    print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}")
     d, h = args.dim, args.ffn
     shapes = [("qkv", d, 3 * d), ("out", d, d), ("w13", d, 2 * h), ("w2", h, d)]
     totals: dict[tuple[int, str], float] = {}
     for n in args.tokens:
         for name, d_in, d_out in shapes:
-            results = time_projection(name, n, d_in, d_out)
+            results = time_projection(name, n, d_in, d_out, dev)
             dense = {}
             for label, ms in results:
                 kind, method = label.split()[2], " ".join(label.split()[3:])

@@ -2,6 +2,7 @@
 images as diffusion over VQGAN latents in one run and as next-token codes in the other.
 
     python3 bench/transfusion.py [--steps 600] [--out /tmp/mot_transfusion] [--copy-to DIR] [--json OUT]
+    python3 bench/transfusion.py --smoke   # CPU, under a minute: a tiny model on a small demo corpus
 
 Trains recipes/demo_gpu.toml (all `ar`) and recipes/demo_transfusion_gpu.toml (image `diffusion`) through
 `mot train` (bf16, one process, the same seed), then runs the demo's text -> image colour check on each
@@ -20,6 +21,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,29 +32,37 @@ sys.path.insert(0, str(ROOT / "bench"))
 from multi_gpu import launch  # noqa: E402
 
 RUNS = {"ar": "recipes/demo_gpu.toml", "diffusion": "recipes/demo_transfusion_gpu.toml"}
+# --smoke: the same recipes with a tiny model, max_seq_len leaving room for the samples page's longest request
+SMOKE_OVERRIDES = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=256",
+                   "--train.seq_len=128", "--train.batch_size=4", "--train.micro_batch_size=2",
+                   "--train.warmup_steps=1", "--train.log_every=1", "--train.eval_every=4", "--train.eval_batches=1",
+                   "--train.checkpoint_every=4"]
 
 
-def colour_check(run_dir: Path) -> dict:
+def smoke_corpus(folder: Path) -> list[str]:
+    """A small demo corpus (no speech) in `folder`, and the overrides that train the tiny model on it."""
+    from mot.data.demo import generate_demo_corpus
+
+    generate_demo_corpus(folder / "corpus", scale=0.02, speech=False, progress=False)
+    return [*SMOKE_OVERRIDES, f"--data.documents={folder / 'corpus' / 'documents.jsonl'}",
+            f"--data.shards={folder / 'shards'}"]
+
+
+def colour_check(run_dir: Path, per_colour: int) -> dict:
     import torch
 
     from mot.generate.demo_eval import write_demo_samples
 
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     start = time.perf_counter()
-    report = write_demo_samples(run_dir)
+    report = write_demo_samples(run_dir, per_colour=per_colour)
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     report["seconds"] = time.perf_counter() - start
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--out", default="/tmp/mot_transfusion")
-    parser.add_argument("--copy-to", default="", help="copy grids, pages, plots and logs here")
-    parser.add_argument("--json", default="", help="write the table here")
-    args, args.overrides = parser.parse_known_args()
-
+def compare(args: argparse.Namespace) -> int:
+    """Train and check both runs, then print their table."""
     rows = []
     for objective, recipe in RUNS.items():
         args.recipe = recipe
@@ -64,7 +74,7 @@ def main() -> int:
         steady = [r["tokens_per_s"] for r in result["train"] if r["step"] > args.steps // 5]
         ms = [1000 * tokens_per_step / t for t in steady]
         last_eval = result["eval"][-1] if result["eval"] else {}
-        report = colour_check(run_dir)
+        report = colour_check(run_dir, args.per_colour)
         rows.append({"objective": objective, "recipe": recipe, "ms_per_step": statistics.median(ms),
                      "ms_min": min(ms), "ms_max": max(ms), "mfu": result["mfu"], "wall_s": result["wall_s"],
                      "eval": {k: v for k, v in last_eval.items() if k.startswith("loss")},
@@ -103,6 +113,23 @@ def run_dir_tokens(run_dir: Path) -> int:
     """Tokens per optimizer step of the run, from the config it saved."""
     train = json.loads((run_dir / "config.json").read_text())["train"]
     return train["batch_size"] * train["seq_len"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--out", default="/tmp/mot_transfusion")
+    parser.add_argument("--copy-to", default="", help="copy grids, pages, plots and logs here")
+    parser.add_argument("--json", default="", help="write the table here")
+    parser.add_argument("--per-colour", type=int, default=8, help="captions per colour in the colour check")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, small corpus, CPU: checks the script")
+    args, args.overrides = parser.parse_known_args()
+    if not args.smoke:
+        return compare(args)
+    with tempfile.TemporaryDirectory(prefix="mot-transfusion-") as folder:
+        args.out, args.steps, args.per_colour = str(Path(folder) / "out"), 4, 2
+        args.overrides = smoke_corpus(Path(folder)) + args.overrides
+        return compare(args)
 
 
 if __name__ == "__main__":
