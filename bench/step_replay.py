@@ -1,8 +1,11 @@
-"""Full training step, dense against MoT of the same recipe, side by side in one run.
+"""A training step replayed on one fixed micro-batch, dense against MoT: kernel-level experiments, FSDP variants.
 
-    python3 bench/step.py [--dim 2048 --layers 16 --heads 16 --seq-len 4096 --micro-batch 2 --steps 15]
+    python3 bench/step_replay.py [--dim 2048 --layers 16 --heads 16 --seq-len 4096 --micro-batch 2 --steps 15]
                           [--variants dense mot] [--modes eager compiled] [--json OUT] [--smoke]
 
+Not the trainer's step (bench/step.py times that, on loader batches): here one synthetic micro-batch and its
+mask, built once outside the timed loop, are replayed for every micro-batch, with no loader and no host-to-device
+copy; for comparing kernels, optimizers and FSDP settings against each other, not for the README's figures.
 What one step is here is what the trainer does (mot/train/trainer.py): embedding, blocks, head over the
 unified vocabulary (Chameleon's 65,536), next-token loss per modality with a document mask, backward
 under bf16 autocast with fp32 weights, gradient clipping, AdamW (the trainer's parameter groups). The data
@@ -19,7 +22,7 @@ gradient reduction, the trainer's policy); each process runs its own micro-batch
 `--baseline ONE_GPU.json` (this script's --json of a 1-GPU run on the same machine) it prints tokens/s per GPU
 against the 1-GPU figure:
 
-    python3 bench/step.py --json one.json && torchrun --nproc-per-node 2 bench/step.py --baseline one.json
+    python3 bench/step_replay.py --json one.json && torchrun --nproc-per-node 2 bench/step_replay.py --baseline one.json
 """
 
 from __future__ import annotations

@@ -57,6 +57,18 @@ class TrainResult:
     skipped_steps: int = 0
 
 
+@dataclass
+class Update:
+    """What one optimizer step gave: per-modality loss sums and counts over all processes (host tensors), the
+    weighted loss, the gradient norm before clipping, the learning rate it ran at, and whether it was applied."""
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    weighted: float
+    grad_norm: float
+    lr: float
+    applied: bool
+
+
 def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
     if configured_tflops:
         return configured_tflops * 1e12
@@ -468,30 +480,17 @@ class Trainer:
         try:
             while self.step < until:
                 start = time.perf_counter()
-                loss_sum, count, weighted, grad_norm = self.train_step()
-                problem = self._non_finite(loss_sum, count, grad_norm)
-                if problem is None:
-                    if self.freezer is not None:
-                        self.freezer.decay(self.optimizer.optimizer)
-                    self.optimizer.step()
-                    self.skipped_in_row = 0
-                else:
-                    self._handle_non_finite(problem, log)
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                update = self.update(log)
                 seconds = time.perf_counter() - start
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                self.flops_seen += self.step_flops
                 self.wall_s += seconds
-                result.losses.append(weighted)
-                if problem is None:
-                    window.add(loss_sum, count, weighted, self.tokens_per_step, seconds, self.step_flops)
+                result.losses.append(update.weighted)
+                if update.applied:
+                    window.add(update.loss_sum, update.count, update.weighted, self.tokens_per_step, seconds,
+                               self.step_flops)
                 bar.update(1)
 
                 if main and window.steps and (self.step % max(t.log_every, 1) == 0 or self.step == until):
-                    row = self._train_row(window, lr, grad_norm)
+                    row = self._train_row(window, update.lr, update.grad_norm)
                     log.write("train", self.step, row)
                     result.train_loss = {k: v for k, v in row.items() if k.startswith("loss")}
                     bar.set_postfix(self._postfix(row), refresh=False)
@@ -518,6 +517,26 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         result.step, result.skipped_steps = self.step, self.skipped
         return result
+
+    def update(self, log: MetricsLog | None = None) -> Update:
+        """One optimizer step as `fit` takes it (bench/step.py times this): `train_step`, then the update unless
+        the losses or the gradient norm are not finite (train.on_nonfinite), the schedule, the counters."""
+        loss_sum, count, weighted, grad_norm = self.train_step()
+        problem = self._non_finite(loss_sum, count, grad_norm)
+        if problem is None:
+            if self.freezer is not None:
+                self.freezer.decay(self.optimizer.optimizer)
+            self.optimizer.step()
+            self.skipped_in_row = 0
+        else:
+            self._handle_non_finite(problem, log)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.flops_seen += self.step_flops
+        return Update(loss_sum, count, weighted, grad_norm, lr, applied=problem is None)
 
     def _handle_non_finite(self, problem: str, log: MetricsLog | None) -> None:
         t = self.cfg.train
