@@ -35,6 +35,7 @@ def smoke(script: str, cwd: Path) -> str:
     ("step_replay.py", "eager-sdpa-fused-closs"),  # the CPU runs the modes eager with SDPA masks
     ("generate.py", "text, batch 8"),
     ("grow.py", "written:"),
+    ("fsdp_memory.py", "| 8 | "),
 ])
 def test_bench_smoke_runs(script, expect, tmp_path):
     assert expect in smoke(script, tmp_path)
