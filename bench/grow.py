@@ -121,7 +121,7 @@ def main() -> int:
     small_cfg = dataclasses.replace(pattention_recipe(args), name="small")
     small = Trainer(small_cfg, "bench/grow.py", overwrite=True, progress=not args.smoke)
     small.fit(until=args.before)  # evaluates and checkpoints at the growth step
-    source = ops.read_source(small.run_dir / "checkpoints" / checkpoint_name(args.before))
+    source = ops.read_source(small.state.run_dir / "checkpoints" / checkpoint_name(args.before))
     small.fit()  # the small model to the end of the schedule, for reference
     del small
 

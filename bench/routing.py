@@ -11,7 +11,7 @@ prints ms, TFLOP/s (from mot/flops.py, causal attention) and the ratio to dense.
 Last, it asserts the checks: errors within TOLERANCE for the dtype the matmuls
 ran in, zero gradients exactly zero.
 On the CPU the routes drop their host counts and the grouped variant forces
-`torch._grouped_mm`, so the split and grouped paths run as they do on CUDA;
+`torch._grouped_mm` (`Kernels("grouped")`), so the split and grouped paths run as they do on CUDA;
 --smoke compiles with Dynamo's eager backend (graphs and recompiles, no inductor).
 """
 
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mot.config import ModalityConfig, ModelConfig  # noqa: E402
 from mot.data.synthetic import bench_layout, random_layout  # noqa: E402
 from mot.flops import attention_flops_per_token  # noqa: E402
-from mot.model import MoTTransformer, routing  # noqa: E402
+from mot.model import MoTTransformer  # noqa: E402
+from mot.model.kernels import Kernels  # noqa: E402
 from mot.model.reference import mask_routed_blocks  # noqa: E402
 
 # Relative (Frobenius) error of each routing against the fp32 mask oracle, by the dtype its matmuls run in.
@@ -49,9 +50,12 @@ def mask_blocks(model, x, modality):
     return mask_routed_blocks(model, x, modality, fast=True)
 
 
-def grouped_mode(device: torch.device) -> str:
-    """routing.GROUPED_MM that takes `torch._grouped_mm`: "auto" picks it on CUDA, the CPU only when forced."""
-    return "auto" if device.type == "cuda" else "always"
+SPLIT = Kernels("split")
+
+
+def grouped_kernels(device: torch.device) -> Kernels:
+    """The kernels that take `torch._grouped_mm` here: "auto" picks it on CUDA, the CPU only when forced."""
+    return Kernels("auto" if device.type == "cuda" else "grouped")
 
 
 def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -92,7 +96,7 @@ def time_ms(fn, steps: int, warmup: int = 5) -> list[float]:
     return times
 
 
-def recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, seq_len) -> str:
+def recompiles_for_new_layouts(fn_run, model, x, grad_out, kernels, seq_len) -> str:
     """Run a compiled variant on three new modality layouts; count the graphs Dynamo compiles."""
     from torch._dynamo.utils import counters
 
@@ -100,7 +104,7 @@ def recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, seq_len) -> str
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         layout = random_layout(x.shape[0], seq_len, [0, 1, 2], 1500, gen).to(x.device)
-        routing.GROUPED_MM = mode
+        model.kernels = kernels
         fn_run(model, x, layout).backward(grad_out)
         model.zero_grad(set_to_none=True)
     return f"3 new modality layouts -> {counters['stats']['unique_graphs'] - before} new graph(s) compiled"
@@ -179,32 +183,31 @@ def draw_norm_gains(model: MoTTransformer, seed: int = 0) -> None:
 def check(model, x, modality, grad_out) -> list[str]:
     """Each routing against the mask oracle (fp32 copy of the same weights, norm gains drawn), and zero-count
     towers; prints a line per check and returns a failure message for each error above its tolerance."""
-    grouped = grouped_mode(x.device)
+    grouped = grouped_kernels(x.device)
     model = copy.deepcopy(model)
     draw_norm_gains(model)
     oracle = copy.deepcopy(model).float()
     ref_out, ref_grads = grads_of(oracle, mask_blocks, x.float(), modality, grad_out.float())
     results = []
-    for mode in ("never", grouped):
-        routing.GROUPED_MM = mode
+    for name, kernels in (("split", SPLIT), ("grouped", grouped)):
+        model.kernels = kernels
         out, grads = grads_of(model, sorted_blocks, x, modality, grad_out)
-        label = f"sorted/{'split' if mode == 'never' else 'grouped'}"
-        results.append(compare(label, x.dtype, out, grads, ref_out, ref_grads))
+        results.append(compare(f"sorted/{name}", x.dtype, out, grads, ref_out, ref_grads))
     # The trainer's mixed precision: fp32 weights under bf16 autocast take the grouped path too.
-    routing.GROUPED_MM = grouped
     fp32_model = copy.deepcopy(model).float()
+    fp32_model.kernels = grouped
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         out, grads = grads_of(fp32_model, sorted_blocks, x.float(), modality, grad_out.float())
     results.append(compare("sorted/grouped fp32 weights under bf16 autocast", torch.bfloat16, out, grads,
                            ref_out, ref_grads))
     # fp32 throughout (split: the grouped kernel is bf16 only on CUDA): held to fp32 rounding, so a routing
     # mistake too small to show through bf16 rounding still fails.
-    routing.GROUPED_MM = "never"
+    fp32_model.kernels = SPLIT
     out, grads = grads_of(fp32_model, sorted_blocks, x.float(), modality, grad_out.float())
     results.append(compare("sorted/split fp32", torch.float32, out, grads, ref_out, ref_grads))
     # A batch with no speech tokens: the speech tower's gradients must be exactly zero.
     no_speech = torch.where(modality == 2, 0, modality)
-    routing.GROUPED_MM = grouped
+    model.kernels = grouped
     _, grads = grads_of(model, sorted_blocks, x, no_speech, grad_out)
     leaked = [n for n, g in grads.items() if g.dim() >= 2 and g.shape[0] == 3 and g[2].abs().max() > 0]
     results.append((f"check zero-count tower (grouped): speech-tower grads nonzero in {leaked or 'none'}",
@@ -263,9 +266,9 @@ def main() -> None:
     if failures:
         print("CHECKS FAILED (raised after the timings):\n  " + "\n  ".join(failures), flush=True)
 
-    def step(model, run, mode):
+    def step(model, run, kernels):
         def fn():
-            routing.GROUPED_MM = mode
+            model.kernels = kernels
             out = run(model, x, modality)
             out.backward(grad_out)
             model.zero_grad(set_to_none=True)
@@ -273,10 +276,10 @@ def main() -> None:
         return fn
 
     variants = [
-        ("dense (one tower)", dense, sorted_blocks, "auto"),
-        ("boolean mask per linear", mot, mask_blocks, "auto"),
-        ("sorted once, split + matmul", mot, sorted_blocks, "never"),
-        ("sorted once, torch._grouped_mm", mot, sorted_blocks, grouped_mode(device)),
+        ("dense (one tower)", dense, sorted_blocks, Kernels()),
+        ("boolean mask per linear", mot, mask_blocks, Kernels()),
+        ("sorted once, split + matmul", mot, sorted_blocks, SPLIT),
+        ("sorted once, torch._grouped_mm", mot, sorted_blocks, grouped_kernels(device)),
     ]
     flops = block_flops_per_token(cfg, seq_len) * batch * seq_len
     results = {}
@@ -288,23 +291,23 @@ def main() -> None:
         modes.append(("max-autotune", {"mode": "max-autotune-no-cudagraphs"}))
     for mode_name, compile_kwargs in modes:
         compiled = compile_kwargs is not None
-        for name, model, run, mode in variants:
-            if mode_name == "max-autotune" and (run is not sorted_blocks or mode == "never"):
+        for name, model, run, kernels in variants:
+            if mode_name == "max-autotune" and (run is not sorted_blocks or kernels is SPLIT):
                 continue  # autotuning: dense and grouped only
-            routing.GROUPED_MM = mode
+            model.kernels = kernels
             fn_run = torch.compile(run, **compile_kwargs) if compiled else run
             label = f"{name} ({mode_name})"
             try:
-                times = time_ms(step(model, fn_run, mode), args.steps, args.warmup)
+                times = time_ms(step(model, fn_run, kernels), args.steps, args.warmup)
             except Exception as err:  # one variant failing must not hide the others
                 print(f"{label} failed: {type(err).__name__}: {err}")
                 continue
             results[(name, mode_name)] = times
             print(f"  {label}: median {statistics.median(times):.2f} ms", flush=True)
             if compiled and run is sorted_blocks:
-                print("  " + recompiles_for_new_layouts(fn_run, model, x, grad_out, mode, args.seq_len))
+                print("  " + recompiles_for_new_layouts(fn_run, model, x, grad_out, kernels, args.seq_len))
             if compiled and args.profile and run is not mask_blocks:
-                print(kernel_breakdown(step(model, fn_run, mode), label, Path(args.profile)))
+                print(kernel_breakdown(step(model, fn_run, kernels), label, Path(args.profile)))
             torch._dynamo.reset()
 
     print()

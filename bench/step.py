@@ -93,11 +93,11 @@ def time_updates(trainer: Trainer, args, device: torch.device) -> dict:
         update = trainer.update()
         sync()
         seconds.append(time.perf_counter() - start)
-        flops.append(trainer.step_flops)
+        flops.append(trainer.state.step_flops)
         losses.append(update.weighted)
     return {"seconds": seconds, "flops": flops, "losses": losses, "warmup_s": warmup_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
-            "master_weights": trainer.master_weights}
+            "master_weights": trainer.state.master_weights}
 
 
 def summarise(name: str, tokens: int, timed: dict, full_causal_per_token: float, peak: float | None) -> dict:
@@ -143,7 +143,7 @@ def main() -> int:
     configs = {"dense": dense_baseline(mot_cfg), "mot": mot_cfg}
     peak = None
     if device.type == "cuda":
-        from mot.train.trainer import peak_flops
+        from mot.train.state import peak_flops
 
         peak = peak_flops(device, 0.0)
         if not args.corpus:
@@ -202,7 +202,7 @@ def run_one(cfg: ModelConfig, variant: str, tokens: int, args, corpus: Path, dev
     flex = device.type == "cuda" and (t.flex_attention is True or (t.flex_attention == "auto" and t.compile))
     row.update(setup_s=setup_s, compile=t.compile, flex_attention=flex)
     print(f"{variant} at {tokens:,} tokens per update: {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), "
-          f"set-up {setup_s:.0f} s, warm-up {timed['warmup_s']:.0f} s, master weights {trainer.master_weights}",
+          f"set-up {setup_s:.0f} s, warm-up {timed['warmup_s']:.0f} s, master weights {trainer.state.master_weights}",
           flush=True)
     return row
 

@@ -28,6 +28,7 @@ against the 1-GPU figure:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -50,12 +51,12 @@ from mot.flops import (  # noqa: E402
     projection_flops_per_token,
     size_report,
 )
-from mot.model import MoTTransformer, routing  # noqa: E402
+from mot.model import MoTTransformer  # noqa: E402
 from mot.model.masks import document_block_mask  # noqa: E402
 from mot.objectives.ar import next_token_loss  # noqa: E402
 from mot.train.optim import build_optimizer, clip_gradients  # noqa: E402
 from mot.train.sharding import keep_gathered  # noqa: E402
-from mot.train.trainer import peak_flops  # noqa: E402
+from mot.train.state import peak_flops  # noqa: E402
 
 
 def recipe(args) -> ModelConfig:
@@ -168,7 +169,7 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
     micro-batch instead of inside their backward GEMMs (MasterWeightAdamW.accumulate_in_backward, the
     trainer's default)."""
     compiled, attention, optim, *extra = mode.split("-")
-    routing.GROUPED_MM = "always" if "grouped" in extra else "auto"
+    cfg = dataclasses.replace(cfg, kernels="grouped" if "grouped" in extra else "auto")
     loss_fn = torch.compile(next_token_loss) if "closs" in extra else next_token_loss
     torch.manual_seed(0)
     model = MoTTransformer(cfg).to(device)

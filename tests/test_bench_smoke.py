@@ -75,9 +75,8 @@ def test_routing_check_fails_on_a_routing_mistake(monkeypatch):
     bench = load_bench("routing")
     from mot.config import ModalityConfig, ModelConfig
     from mot.data.synthetic import bench_layout
-    from mot.model import MoTTransformer, routing
+    from mot.model import MoTTransformer
 
-    monkeypatch.setattr(routing, "GROUPED_MM", routing.GROUPED_MM)  # check() sets it; restored after
     right = bench.sorted_blocks
     monkeypatch.setattr(bench, "sorted_blocks", lambda model, x, modality: right(model, x, (modality + 1) % 3))
     torch.manual_seed(0)

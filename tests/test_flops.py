@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -15,7 +17,7 @@ from mot.flops import (
     param_counts,
     size_report,
 )
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
 from tests.conftest import tiny_config
 from tests.test_transfusion import diffusion_config  # image under diffusion: a 4x4 grid of 4-channel latents
 
@@ -48,10 +50,9 @@ def test_param_count_matches_model(cfg):
 
 
 @pytest.mark.parametrize("name", ["mot", "dense", "mot gqa", "dense gqa"])
-@pytest.mark.parametrize("grouped", ["never", "always"])
-def test_flops_match_flop_counter(name, grouped, generator, monkeypatch):
-    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
-    cfg = CONFIGS[name]
+@pytest.mark.parametrize("kernels", ["per_tower", "grouped"])
+def test_flops_match_flop_counter(name, kernels, generator):
+    cfg = dataclasses.replace(CONFIGS[name], kernels=kernels)
     batch, seq_len = 2, 64
     model = MoTTransformer(cfg)
     tokens = tokens_for_layout(random_layout(batch, seq_len, [0, 1, 2], 12, generator), model.vocab, generator)
@@ -115,10 +116,9 @@ def _diffusion_step(model, cfg, generator, backward: bool):
 
 
 @pytest.mark.parametrize("name", list(DIFFUSION_CONFIGS))
-@pytest.mark.parametrize("grouped", ["never", "always"])
-def test_diffusion_forward_flops_match_flop_counter(name, grouped, generator, monkeypatch):
-    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
-    cfg = DIFFUSION_CONFIGS[name]
+@pytest.mark.parametrize("kernels", ["per_tower", "grouped"])
+def test_diffusion_forward_flops_match_flop_counter(name, kernels, generator):
+    cfg = dataclasses.replace(DIFFUSION_CONFIGS[name], kernels=kernels)
     model = MoTTransformer(cfg)
     measured, counts = _diffusion_step(model, cfg, generator, backward=False)
     report = size_report(cfg, 64, attention="full")
@@ -258,7 +258,8 @@ def test_the_trainer_counts_attention_under_each_batchs_document_mask(tmp_path, 
     """flops in the log: projections per token plus attention over the pairs each batch's mask allows, less than
     the full-row causal count for packed short documents."""
     from mot.flops import attention_flops, attention_pairs, projection_flops_per_token
-    from mot.train import trainer as trainer_module
+    from mot.objectives import training as objectives
+    from mot.train.trainer import train
     from tests.runs import make_shards, run_config
 
     seen = []
@@ -267,9 +268,9 @@ def test_the_trainer_counts_attention_under_each_batchs_document_mask(tmp_path, 
         seen.append(attention_pairs(document_ids, span_ids))
         return seen[-1]
 
-    monkeypatch.setattr(trainer_module, "attention_pairs", recording)
+    monkeypatch.setattr(objectives, "attention_pairs", recording)
     cfg = run_config(make_shards(tmp_path / "shards"), tmp_path, steps=3, micro_batch_size=2, eval_every=0)
-    result = trainer_module.train(cfg, progress=False)
+    result = train(cfg, progress=False)
     summary = __import__("json").loads((result.run_dir / "summary.json").read_text())
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     assert len(seen) == cfg.train.steps * 2  # one count per micro-batch

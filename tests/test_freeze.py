@@ -39,7 +39,7 @@ def test_frozen_parts_stay_bit_identical_and_get_no_optimizer_state(shards, tmp_
     trainer = Trainer(cfg, progress=False)
     result = trainer.fit()
     after = load_file(result.checkpoint / "model.safetensors")
-    text, image = trainer.vocab["text"], trainer.vocab["image"]
+    text, image = trainer.state.vocab["text"], trainer.state.vocab["image"]
     for name, old in before.items():
         if old.shape[0] == 3 and "blocks" in name:  # one slice per modality: text frozen, image trained
             assert torch.equal(after[name][0], old[0]), name
@@ -49,8 +49,8 @@ def test_frozen_parts_stay_bit_identical_and_get_no_optimizer_state(shards, tmp_
         assert old_rows.abs().sum() > 0
         assert not torch.equal(after[name][image.start : image.stop], before[name][image.start : image.stop])
     assert torch.equal(after["final_norm.weight"], before["final_norm.weight"])
-    frozen = trainer.model.final_norm.weight
-    optimizer = trainer.optimizer.optimizer
+    frozen = trainer.state.model.final_norm.weight
+    optimizer = trainer.state.inner_optimizer
     assert not frozen.requires_grad and frozen.grad is None and frozen not in optimizer.state
     assert all(frozen is not p for g in optimizer.param_groups for p in g["params"])
 

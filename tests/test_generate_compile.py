@@ -6,16 +6,15 @@ import torch
 
 from mot.generate import GenerationConfig, generate
 from mot.generate.decoder import CachedDecoder
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
 from tests.conftest import tiny_config
 
 
-def test_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
-    # Grouped matmul on the CPU too: the split fallback reads slice sizes on the host, a graph break.
-    monkeypatch.setattr(routing, "GROUPED_MM", "always")
+def test_decode_step_is_one_graph_for_the_whole_generation():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MoTTransformer(tiny_config(dim=64, ffn_dim=64)).to(torch.bfloat16).eval()  # grouped mm needs bf16
+    # Grouped matmul on the CPU too (it needs bf16): the split fallback reads slice sizes on the host, a graph break.
+    model = MoTTransformer(tiny_config(dim=64, ffn_dim=64, kernels="grouped")).to(torch.bfloat16).eval()
     v = model.vocab
     prompt = [v.special_id("<bod>"), v["text"].start + 3, v.special_id("<boi>")]
     config = GenerationConfig(max_new_tokens=10, temperature=0, image_tokens=4, guidance_scale=2.0)

@@ -15,7 +15,8 @@ from mot.generate import GenerationConfig, ModalityConstraints, generate
 from mot.generate.decoder import CachedDecoder
 from mot.generate.diffusion import load_span_codecs, sample_span_reference, span_generator
 from mot.generate.loop import cache_slots, span_states
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
+from mot.model.kernels import Kernels
 from mot.model.masks import mixed_mask
 from tests.conftest import randomize_norms
 from tests.test_generate import BiasedDecoder  # biases the logits (to force <boi>), keeps all it hands out
@@ -168,11 +169,11 @@ def test_bad_diffusion_requests_say_what_is_wrong(generator):
         generate(model, [[v.special_id("<bod>")]], _config(diffusion_steps=0))
 
 
-def test_compiled_decode_step_runs_around_the_eager_diffusion_block(monkeypatch, generator):
+def test_compiled_decode_step_runs_around_the_eager_diffusion_block(generator):
     """The diffusion block runs eager between compiled steps; the step graph is traced once and never again."""
-    monkeypatch.setattr(routing, "GROUPED_MM", "always")  # one graph on the CPU too (as test_generate_compile)
     torch._dynamo.reset()
     model = _model(generator, dtype=torch.bfloat16)
+    model.kernels = Kernels("grouped")  # one graph on the CPU too (as test_generate_compile)
     v = model.vocab
     prompts = [[v.special_id("<bod>"), v["text"].start + 3, v.special_id("<boi>")]] * 2
     config = _config(guidance_scale=2.0)

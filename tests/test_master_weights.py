@@ -13,7 +13,7 @@ from torch import nn
 from mot.config import ConfigError, TrainConfig
 from mot.data.synthetic import tokens_for_layout
 from mot.flops import dense_baseline
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
 from mot.objectives.ar import next_token_loss
 from mot.train.master_weights import MasterWeightAdamW, compute_weight_names
 from mot.train.optim import build_optimizer, clip_gradients, parameter_groups
@@ -78,7 +78,7 @@ def _loss(model, tokens, modality, n):
 
 
 @pytest.mark.parametrize("accumulation", ["stash", "in_backward", "in_backward_grouped", "in_backward_dense"])
-def test_training_equals_autocast_over_fp32_weights_with_accumulation(accumulation, monkeypatch):
+def test_training_equals_autocast_over_fp32_weights_with_accumulation(accumulation):
     """3 steps of 3 micro-batches: the same losses and weights as fp32 weights under bf16 autocast + AdamW.
     Gradients of the micro-batches are summed in fp32 in both (stash_gradients), so they agree to rounding.
     in_backward: the blocks' GEMMs add into the fp32 sums themselves, without rounding each micro-batch's
@@ -86,10 +86,9 @@ def test_training_equals_autocast_over_fp32_weights_with_accumulation(accumulati
     in_backward_grouped: the projections run a kernel without the accumulation (grouped matmul, as small GEMMs
     on CUDA do), so their gradients are stashed into the same sums: exactly the stash path.
     in_backward_dense: the dense baseline (one tower), whose projections accumulate in the same op."""
-    if accumulation == "in_backward_grouped":
-        monkeypatch.setattr(routing, "GROUPED_MM", "always")
     in_backward = accumulation in ("in_backward", "in_backward_dense")
-    cfg = dense_baseline(tiny_config()) if accumulation == "in_backward_dense" else tiny_config()
+    cfg = tiny_config(kernels="grouped" if accumulation == "in_backward_grouped" else "auto")
+    cfg = dense_baseline(cfg) if accumulation == "in_backward_dense" else cfg
     torch.manual_seed(0)
     reference = MoTTransformer(cfg)
     ours = copy.deepcopy(reference)
@@ -174,7 +173,7 @@ def test_master_weights_need_bf16_and_one_process(shards, tmp_path):
         Trainer(run_config(shards, tmp_path / "a", master_weights=True, precision="auto"), progress=False)
     reset_accelerator()
     auto = Trainer(run_config(shards, tmp_path / "b", precision="bf16"), progress=False)
-    assert not auto.master_weights  # "auto": CUDA only
+    assert not auto.state.master_weights  # "auto": CUDA only
 
 
 def test_diffusion_training_with_master_weights(tmp_path):
@@ -186,7 +185,7 @@ def test_diffusion_training_with_master_weights(tmp_path):
     shards, _ = _pair_corpus(tmp_path, tokenizer, copies=8)
     ours = _run(tmp_path, shards, precision="bf16", master_weights=True)
     trainer = Trainer(ours, progress=False)
-    optimizer = trainer.optimizer.optimizer
+    optimizer = trainer.state.inner_optimizer
     names = optimizer.master_state_dict().keys()
     assert {"latent_io.image.inp.weight", "latent_io.image.time.mlp.0.bias", "head.weight"} <= set(names)
     result = trainer.fit()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
 from tests.conftest import randomize_norms, tiny_config
 
 
@@ -46,10 +46,9 @@ def test_mot_with_identical_towers_equals_dense(placement, qk_norm, generator):
         torch.testing.assert_close(mot_grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("grouped", ["never", "always"])
-def test_absent_modality_gets_exactly_zero_gradient(grouped, generator, monkeypatch):
-    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
-    model = MoTTransformer(tiny_config(qk_norm=True))
+@pytest.mark.parametrize("kernels", ["per_tower", "grouped"])
+def test_absent_modality_gets_exactly_zero_gradient(kernels, generator):
+    model = MoTTransformer(tiny_config(qk_norm=True, kernels=kernels))
     randomize_norms(model, generator)
     image = model.vocab["image"].index
     tokens = tokens_for_layout(random_layout(2, 40, [0, 2], 8, generator), model.vocab, generator)

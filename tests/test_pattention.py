@@ -13,6 +13,7 @@ from mot.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.flops import flop_counter, param_counts, size_report
 from mot.model import MoTTransformer, routing
+from mot.model.kernels import Kernels
 from mot.model.pattention import TowerPattention
 from mot.model.reference import mask_routed_forward
 from mot.train.optim import parameter_groups
@@ -39,40 +40,38 @@ def _reference_rows(x, modality, keys, values, n_tokens, tau_tokens):
     return out
 
 
-@pytest.mark.parametrize("grouped", ["never", "always"])
+@pytest.mark.parametrize("kernels", ["per_tower", "grouped"])
 @pytest.mark.parametrize("tokens", [[6, 6, 6], [6, 3, 8]])
-def test_tower_pattention_equals_a_per_token_loop_float64(grouped, tokens, generator, monkeypatch):
-    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
+def test_tower_pattention_equals_a_per_token_loop_float64(kernels, tokens, generator):
     taus = [4, 3, 8]
     layer = TowerPattention(3, 8, 16, tokens, taus).double()
     layer.reset_parameters(0.5, 0.5)
     modality = torch.randint(3, (2, 11), generator=generator)
     modality[0, :2] = 1  # every tower gets rows
     x = torch.randn(22, 8, generator=generator, dtype=torch.float64)
-    route = routing.route_tokens(modality, 3)
+    route = routing.route_tokens(modality, 3).with_kernels(Kernels(kernels))
     ours = route.unsort(layer(route.sort(x), route))
     ref = _reference_rows(x, modality.reshape(-1), layer.keys.detach(), layer.values.detach(), tokens, taus)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_padding_tokens_stay_zero_and_get_no_gradient(generator, monkeypatch):
+def test_padding_tokens_stay_zero_and_get_no_gradient(generator):
     """Towers with fewer tokens than the widest are padded; the padded rows are inert on both paths."""
     layer = TowerPattention(3, 8, 8, [6, 3, 8], [6, 3, 8]).double()
     layer.reset_parameters(0.5, 0.5)
     modality = torch.arange(3).repeat_interleave(5)
     route = routing.route_tokens(modality, 3)
     x = torch.randn(15, 8, generator=generator, dtype=torch.float64)
-    for grouped in ("never", "always"):
-        monkeypatch.setattr(routing, "GROUPED_MM", grouped)
+    for kernels in ("per_tower", "grouped"):
         layer.zero_grad()
-        layer(route.sort(x), route).square().sum().backward()
+        layer(route.sort(x), route.with_kernels(Kernels(kernels))).square().sum().backward()
         for t, n in enumerate(layer.n_tokens):
             assert torch.count_nonzero(layer.keys.grad[t, n:]) == 0
             assert torch.count_nonzero(layer.values.grad[t, n:]) == 0
             assert layer.keys.grad[t, :n].abs().sum() > 0
 
 
-def test_grouped_path_over_padded_towers_equals_split_path(generator, monkeypatch):
+def test_grouped_path_over_padded_towers_equals_split_path(generator):
     """torch._grouped_mm (forced on the CPU, float32) runs over the padded width; the split path slices."""
     layer = TowerPattention(3, 16, 24, [8, 16, 8], [8, 16, 8])
     layer.reset_parameters(0.3, 0.3)
@@ -80,10 +79,9 @@ def test_grouped_path_over_padded_towers_equals_split_path(generator, monkeypatc
     route = routing.route_tokens(modality, 3)
     x = torch.randn(40, 16, generator=generator)
     results = []
-    for grouped in ("never", "always"):
-        monkeypatch.setattr(routing, "GROUPED_MM", grouped)
+    for kernels in ("per_tower", "grouped"):
         layer.zero_grad()
-        out = layer(route.sort(x), route)
+        out = layer(route.sort(x), route.with_kernels(Kernels(kernels)))
         out.square().sum().backward()
         results.append((out.detach(), layer.keys.grad.clone(), layer.values.grad.clone()))
     for split, grouped in zip(*results, strict=True):
@@ -179,15 +177,14 @@ def test_pattention_hand_computed_params():
 
 
 # The grouped path computes the zero padding of uneven towers too, so those are checked on the split path only.
-FLOPS_CASES = [(name, grouped) for name, cfg in PATTENTION_CONFIGS.items() for grouped in ("never", "always")
-               if not (grouped == "always" and cfg.param_tokens_per_modality)]
+FLOPS_CASES = [(name, kernels) for name, cfg in PATTENTION_CONFIGS.items() for kernels in ("per_tower", "grouped")
+               if not (kernels == "grouped" and cfg.param_tokens_per_modality)]
 
 
-@pytest.mark.parametrize(("name", "grouped"), FLOPS_CASES)
-def test_pattention_flops_match_flop_counter(name, grouped, generator, monkeypatch):
+@pytest.mark.parametrize(("name", "kernels"), FLOPS_CASES)
+def test_pattention_flops_match_flop_counter(name, kernels, generator):
     """2 n (in + out) per projection and token, counted per modality (towers may differ) against the counter."""
-    cfg = PATTENTION_CONFIGS[name]
-    monkeypatch.setattr(routing, "GROUPED_MM", grouped)
+    cfg = dataclasses.replace(PATTENTION_CONFIGS[name], kernels=kernels)
     batch, seq_len = 2, 64
     model = MoTTransformer(cfg)
     layout = random_layout(batch, seq_len, [0, 1, 2], 12, generator)

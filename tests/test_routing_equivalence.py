@@ -7,6 +7,7 @@ import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.model import MoTTransformer, routing
+from mot.model.kernels import Kernels
 from mot.model.reference import mask_routed_forward
 from tests.conftest import randomize_norms, tiny_config
 
@@ -74,14 +75,13 @@ def test_partial_untying_equals_mask_reference(untie, generator):
 
 
 @pytest.mark.parametrize("layout_name", ["all three", "no image"])
-def test_grouped_mm_path_equals_split_path(layout_name, generator, monkeypatch):
+def test_grouped_mm_path_equals_split_path(layout_name, generator):
     """torch._grouped_mm (forced on the CPU) against split + matmul, same weights, float32."""
-    model = MoTTransformer(tiny_config())
+    model = MoTTransformer(tiny_config(kernels="split"))
     randomize_norms(model, generator)
     tokens = tokens_for_layout(random_layout(2, 48, LAYOUTS[layout_name], 11, generator), model.vocab, generator)
-    monkeypatch.setattr(routing, "GROUPED_MM", "never")
     split, split_grads = _logits_and_grads(model, model, tokens)
-    monkeypatch.setattr(routing, "GROUPED_MM", "always")
+    model.kernels = Kernels("grouped")
     grouped, grouped_grads = _logits_and_grads(model, model, tokens)
     torch.testing.assert_close(grouped, split, rtol=1e-5, atol=1e-6)
     for name in split_grads:

@@ -7,6 +7,7 @@ import torch
 
 from mot.model import MoTTransformer, routing
 from mot.model.block import AttentionInputs
+from mot.model.kernels import Kernels
 from mot.model.rope import RotaryEmbedding
 from mot.model.tower_matmul import tower_mm, tower_mm_backward_into, tower_mm_into
 from tests.conftest import tiny_config
@@ -55,9 +56,8 @@ def test_tower_mm_rejects_counts_that_do_not_partition_the_rows():
         tower_mm(torch.randn(5, 2), torch.randn(2, 3, 2), torch.tensor([2, 2]))
 
 
-def test_compiled_block_takes_new_modality_mixes_without_recompiling(generator, monkeypatch):
+def test_compiled_block_takes_new_modality_mixes_without_recompiling(generator):
     """The slice sizes reach the ops as a CPU tensor: new counts are data, not a new graph."""
-    monkeypatch.setattr(routing, "GROUPED_MM", "auto")
     cfg = tiny_config(dim=32, n_heads=4)
     block = MoTTransformer(cfg).blocks[0]  # initialised weights
     rope = RotaryEmbedding(cfg.head_dim, 64, cfg.rope_theta)
@@ -126,9 +126,10 @@ def test_batches_carry_host_counts_through_the_move_to_a_device():
 @pytest.mark.parametrize("recipe, expected", [("recipes/demo_gpu.toml", "grouped"),
                                               ("recipes/paper/chameleon_1_5b.toml", "per_tower")])
 def test_per_tower_threshold_sits_between_the_demo_and_the_1b_recipe(recipe, expected):
-    """On CUDA a projection takes one GEMM per tower from `PER_TOWER_MIN_MACS` multiply-accumulates up: every
-    projection of the host-bound demo_gpu recipe stays under it (grouped kernel), every one of the ~1B recipe
-    is over it (per-tower GEMMs). tests/gpu/test_routing_gpu.py checks both kernels against the oracle."""
+    """On CUDA the recipes' kernels ("auto") give a projection one GEMM per tower from `per_tower_min_macs`
+    multiply-accumulates up: every projection of the host-bound demo_gpu recipe stays under it (grouped kernel),
+    every one of the ~1B recipe is over it (per-tower GEMMs). tests/gpu/test_routing_gpu.py checks both kernels
+    against the oracle."""
     from mot.config import load_config
 
     cfg = load_config(recipe)
@@ -137,7 +138,9 @@ def test_per_tower_threshold_sits_between_the_demo_and_the_1b_recipe(recipe, exp
         model = MoTTransformer(cfg.model)
     sizes = [rows * m.weight.shape[1] * m.weight.shape[2]
              for m in model.modules() if isinstance(m, routing.TowerLinear)]
+    assert cfg.model.kernels == "auto"
+    threshold = Kernels(cfg.model.kernels).per_tower_min_macs
     if expected == "grouped":
-        assert max(sizes) < routing.PER_TOWER_MIN_MACS
+        assert max(sizes) < threshold
     else:
-        assert min(sizes) >= routing.PER_TOWER_MIN_MACS
+        assert min(sizes) >= threshold

@@ -24,6 +24,7 @@ from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import read_log
 from mot.train.optim import clip_gradients, lr_factor, parameter_groups
+from mot.train.step import device_batch, micro_batch_losses
 from mot.train.trainer import Trainer, train
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -104,10 +105,10 @@ def test_weighted_loss_equals_a_per_token_loop(shards, tmp_path):
     for mod, w in zip(cfg.model.modalities, weights, strict=True):
         mod.loss_weight = w
     trainer = Trainer(cfg, progress=False)
-    batch = next(trainer.train_batches)
+    batch = next(trainer.state.train_batches)
     with torch.no_grad():
-        loss_sum, count = trainer._loss(batch)
-        logits = trainer.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask()).double()
+        loss_sum, count = micro_batch_losses(trainer.state, batch)
+        logits = trainer.state.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask()).double()
     expected_sum, expected_count, total = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0.0
     for b in range(batch.tokens.shape[0]):
         for t in range(batch.tokens.shape[1] - 1):
@@ -121,7 +122,7 @@ def test_weighted_loss_equals_a_per_token_loop(shards, tmp_path):
     assert torch.equal(count, expected_count)
     assert count.min() > 0, "the fixture should put every modality in a batch"
     predictions = batch.tokens.shape[0] * (batch.tokens.shape[1] - 1)
-    weighted = (loss_sum * trainer.loss_weights).sum() / predictions  # what train_step back-propagates
+    weighted = (loss_sum * trainer.state.objective.loss_weights).sum() / predictions  # what train_step back-propagates
     assert weighted.item() == pytest.approx(total / predictions, rel=1e-5)
 
 
@@ -135,8 +136,8 @@ def test_the_trainer_hands_the_model_tokens_per_modality_counted_on_the_host(sha
                         lambda modality, n, permute, host_counts: seen.append(host_counts)
                         or route_tokens(modality, n, permute, host_counts))
     trainer = Trainer(run_config(shards, tmp_path), progress=False)
-    batch = trainer._batch(next(trainer.train_batches))
-    trainer._loss(batch)
+    batch = device_batch(trainer.state, next(trainer.state.train_batches))
+    micro_batch_losses(trainer.state, batch)
     expected = tuple(torch.bincount(batch.modality.reshape(-1), minlength=3).tolist())
     assert batch.tower_counts == expected and seen == [expected]
 
@@ -226,21 +227,25 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_needs_the_same_model(
     other.model.dim = 64
     with pytest.raises(ConfigError, match="dim: 32 -> 64"):
         train(other, resume=True, progress=False)
+    # model.kernels chooses how the same products run, not what they are: a run resumes with another choice
+    split = run_config(shards, tmp_path, steps=6)
+    split.model.kernels = "split"
+    assert train(split, resume=True, progress=False).step == 6
     assert train(cfg, overwrite=True, progress=False).step == 4
 
 
 def test_non_finite_loss_stops_naming_step_and_modality_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
     cfg = run_config(shards, tmp_path, steps=8, checkpoint_every=2)
     trainer = Trainer(cfg, progress=False)
-    real_loss = Trainer._loss
+    from mot.train import step
 
-    def poisoned(self, batch):
-        loss_sum, count = real_loss(self, batch)
-        if self.step == 2:  # the third update
+    def poisoned(state, batch):
+        loss_sum, count = micro_batch_losses(state, batch)
+        if state.step == 2:  # the third update
             loss_sum = loss_sum + torch.tensor([0.0, float("nan"), 0.0])
         return loss_sum, count
 
-    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    monkeypatch.setattr(step, "micro_batch_losses", poisoned)
     with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss for modality image") as err:
         trainer.fit()
     assert "step-0000002" in str(err.value)
@@ -255,7 +260,7 @@ def test_non_finite_loss_stops_naming_step_and_modality_and_keeps_the_checkpoint
     result = skip.fit()
     assert result.step == 6 and result.skipped_steps == 1
     assert math.isnan(result.losses[2]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
-    assert all(torch.isfinite(p).all() for p in skip.model.parameters())
+    assert all(torch.isfinite(p).all() for p in skip.state.model.parameters())
 
 
 def test_killing_the_process_while_it_writes_a_checkpoint_leaves_the_previous_one_loadable(shards, tmp_path):
@@ -357,8 +362,8 @@ def test_init_from_starts_a_new_run_from_other_weights(shards, tmp_path):
     fresh = run_config(shards, tmp_path / "b", steps=4)
     trainer = Trainer(fresh, progress=False, init_from=str(source.checkpoint))
     saved = load_file(source.checkpoint / "model.safetensors")
-    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in saved.items())
-    assert trainer.step == 0 and trainer.scheduler.last_epoch == 0  # a new schedule, not a resume
+    assert all(torch.equal(trainer.state.model.state_dict()[k], v) for k, v in saved.items())
+    assert trainer.state.step == 0 and trainer.state.scheduler.last_epoch == 0  # a new schedule, not a resume
     other = run_config(shards, tmp_path / "c", steps=4)
     other.model.dim = 64
     from mot.config import ConfigError

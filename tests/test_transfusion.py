@@ -273,8 +273,8 @@ def test_tiny_model_overfits_one_caption_image_pair(tmp_path, schedule):
     trainer = Trainer(cfg, progress=False)
     result = trainer.fit()
     print(f"overfit: final train losses {result.train_loss}")
-    model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    codec = trainer.batcher.codecs[1]
+    model = trainer.state.accelerator.unwrap_model(trainer.state.model).eval()
+    codec = trainer.state.objective.batcher.codecs[1]
     image = torch.from_numpy(docs[0].segments[1].data).permute(2, 0, 1).float() / 255
     target = codec.codes_to_tokens(tokenizer.encode(image).view(1, -1))[0]
     caption = [model.vocab.special_id("<bod>"), *FakeText().encode("red blue").tolist(),

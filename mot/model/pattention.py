@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mot.config import ModelConfig
-from mot.model.routing import Route, TowerLinear, _grouped_mm_supported, tower_linear
+from mot.model.kernels import cast_for_autocast, tower_linear
+from mot.model.routing import Route, TowerLinear
 
 NORM_EPS = 1e-8  # TokenFormer clamps the row norm the same way: an all-zero score row maps to zeros
 
@@ -84,21 +85,15 @@ class TowerPattention(nn.Module):
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         if self.keys.shape[0] == 1:
             n = self.n_tokens[0]
-            keys, values = self.keys[0, :n], self.values[0, :n]
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, keys, values = x.to(dtype), keys.to(dtype), values.to(dtype)
+            x, keys, values = cast_for_autocast(x, self.keys[0, :n], self.values[0, :n])
             return pattention(x, keys, values, self.taus[0])
-        if self.uniform or _grouped_mm_supported(x, self.keys):
-            # Two grouped matmuls over the padded tokens (exact: padding rows are zero), routing.tower_linear's
-            # grouped or split path; the modified softmax runs row-wise between them.
+        if self.uniform or route.kernels.grouped(x, self.keys):
+            # Two tower matmuls over the padded tokens (exact: padding rows are zero), on the route's kernels;
+            # the modified softmax runs row-wise between them.
             scores = tower_linear(x, self.keys, route)
             weights = modified_softmax(scores, route.expand(self.tau)[:, None])
             return tower_linear(weights, self.values.transpose(-2, -1), route)
-        keys, values = self.keys, self.values
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, keys, values = x.to(dtype), keys.to(dtype), values.to(dtype)
+        x, keys, values = cast_for_autocast(x, self.keys, self.values)
         parts = x.split(route.counts_list())
         return torch.cat([pattention(part, keys[t, :n], values[t, :n], tau)
                           for t, (part, n, tau) in enumerate(zip(parts, self.n_tokens, self.taus, strict=True))])

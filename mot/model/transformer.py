@@ -14,6 +14,7 @@ from torch import nn
 
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
+from mot.model.kernels import Kernels
 from mot.model.kv_cache import KVCache, LayerWrite
 from mot.model.latent_io import LatentProjection
 from mot.model.pattention import TowerPattention
@@ -23,9 +24,16 @@ from mot.vocab import UnifiedVocab
 
 
 class MoTTransformer(nn.Module):
+    """The MoT model of a `ModelConfig` (dense: nothing untied).
+
+    `kernels`: how its tower projections run (mot/model/kernels.py), from `cfg.kernels`. Set another to run the
+    same weights on other kernels (tests and benchmarks compare them): every choice computes the same function.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.kernels = Kernels(cfg.kernels)
         self.vocab = UnifiedVocab(cfg)
         self.embed = nn.Embedding(self.vocab.size, cfg.dim)
         self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.n_layers))
@@ -67,7 +75,9 @@ class MoTTransformer(nn.Module):
             projection.reset_parameters(std)
 
     def route(self, modality: torch.Tensor, tower_counts: Sequence[int] | torch.Tensor | None = None) -> Route:
-        return route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense, host_counts=tower_counts)
+        """The route of these tokens through the towers, on the model's kernels."""
+        route = route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense, host_counts=tower_counts)
+        return route.with_kernels(self.kernels)
 
     def hidden_states(
         self,

@@ -8,8 +8,9 @@
 
 Everything is written into a hidden `.tmp-*` folder first and renamed into place only when complete, so a
 process killed mid-write leaves the previous checkpoints as they were; half-written folders are never listed
-and are cleared by the next save. This module writes them (and reads back the training state to resume);
-reading a run's weights and meta, for inference or anything else, is mot/runs.py.
+and are cleared by the next save. This module writes them and reads back the training state to resume (a
+`TrainState` goes through mot/train/state_io.py); reading a run's weights and meta, for inference or anything
+else, is mot/runs.py.
 """
 
 from __future__ import annotations
@@ -111,5 +112,6 @@ def load_training_state(path: str | Path) -> tuple[dict, dict, dict[str, Any]]:
     optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     return optimizer, rng, meta
+
 
 

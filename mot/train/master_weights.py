@@ -128,14 +128,16 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def accumulate_in_backward(self, model: nn.Module) -> None:
         """Let every `TowerLinear` whose weight has a master add its weight gradient into an fp32 sum in its
-        backward GEMMs (its `.grad` stays None). For several micro-batches per step; the model's forward must
-        then route with host counts (training does; one tower needs none). Every such weight counts as having a
-        gradient each step. Where a projection runs another kernel (mot.model.routing: no host counts, or too
-        small on CUDA) its gradient lands in `.grad` and is stashed into the same sum."""
+        backward GEMMs (`TowerLinear.accumulate_gradients_into`; its `.grad` stays None). For several
+        micro-batches per step; the model's forward must then route with host counts (training does; one tower
+        needs none). Every such weight counts as having a gradient each step. Where a projection runs another
+        kernel (mot.model.kernels: no host counts, or too small on CUDA) its gradient lands in `.grad` and is
+        stashed into the same sum."""
         for module in model.modules():
             if isinstance(module, TowerLinear) and module.weight in self.masters:
                 total = torch.zeros_like(self.masters[module.weight])
-                module.grad_sum = self.backward_sums[module.weight] = self.grad_sums[module.weight] = total
+                module.accumulate_gradients_into(total)
+                self.backward_sums[module.weight] = self.grad_sums[module.weight] = total
 
     # ------------------------------------------------------------ gradients
 

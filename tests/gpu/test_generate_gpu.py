@@ -39,7 +39,7 @@ from mot.generate.decoder import CachedDecoder
 from mot.generate.loop import cache_slots
 from mot.generate.sampling import filter_logits
 from mot.generate.sampling import sample as real_sample
-from mot.model import MoTTransformer, routing
+from mot.model import MoTTransformer
 from tests.conftest import randomize_norms, tiny_config
 
 DEVICE = "cuda"  # "cpu" runs the bodies without CUDA graphs (a dry run of the test code, outside tests/gpu)
@@ -50,9 +50,10 @@ BF16_ATOL, BF16_RTOL = 0.04, 0.01
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-4
 
 
-def tiny_model(dtype: torch.dtype, seed: int, dense: bool = False) -> MoTTransformer:
+def tiny_model(dtype: torch.dtype, seed: int, dense: bool = False, kernels: str = "auto") -> MoTTransformer:
     torch.manual_seed(seed)  # the init draws from the global RNG
-    cfg = tiny_config(dim=64, ffn_dim=64, max_seq_len=128, untie=[] if dense else ["attn", "ffn", "norm"])
+    cfg = tiny_config(dim=64, ffn_dim=64, max_seq_len=128, untie=[] if dense else ["attn", "ffn", "norm"],
+                      kernels=kernels)
     model = MoTTransformer(cfg)
     randomize_norms(model, torch.Generator().manual_seed(seed))  # towers that differ, so routing matters
     return model.to(device=DEVICE, dtype=dtype).eval()
@@ -160,11 +161,15 @@ def untraced_static(model, rows: int, slots: int) -> CachedDecoder:
     return decoder
 
 
+# Kernels of the models whose decode step compiles to one graph: the CPU dry run takes the grouped matmul too, as
+# tests/test_generate_compile.py does (split + matmul reads slice sizes on the host, a graph break).
+GRAPH_KERNELS = "grouped" if DEVICE == "cpu" else "auto"
+
+
 @pytest.fixture
-def graphs(monkeypatch):
-    """Compiled decoders built inside must compile the step to one graph that never recompiles."""
-    if DEVICE == "cpu":  # the CPU dry run only: grouped matmul there too, as tests/test_generate_compile.py does
-        monkeypatch.setattr(routing, "GROUPED_MM", "always")
+def graphs():
+    """Compiled decoders built inside must compile the step to one graph that never recompiles (models built
+    with GRAPH_KERNELS)."""
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -188,7 +193,7 @@ def report(name: str, stats: dict[str, int], trace: Trace, model) -> None:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_cuda_graph_generation_matches_the_untraced_static_step_in_bf16(temperature, graphs, monkeypatch):
-    model = tiny_model(torch.bfloat16, seed=0)
+    model = tiny_model(torch.bfloat16, seed=0, kernels=GRAPH_KERNELS)
     prompts, config = prompts_of(model), gen_config(temperature)
     rows, slots = 2 * len(prompts), cache_slots(model, prompts, config)
     expected = traced(monkeypatch, model, prompts, config, untraced_static(model, rows, slots))
@@ -229,7 +234,7 @@ def test_eager_generation_matches_the_untraced_static_step_in_fp32(monkeypatch):
 
 
 def test_dense_cuda_graph_generation_matches_eager_generation_in_fp32(graphs, monkeypatch):
-    model = tiny_model(torch.float32, seed=2, dense=True)
+    model = tiny_model(torch.float32, seed=2, dense=True, kernels=GRAPH_KERNELS)
     prompts = prompts_of(model)
     config = gen_config(1.0)
     rows, slots = 2 * len(prompts), cache_slots(model, prompts, config)

@@ -2,8 +2,9 @@
 gradient, for each way a projection can run on the GPU.
 
 - grouped: bf16 weights, no host counts -> one `torch._grouped_mm` per projection (Hopper);
-- per tower: host counts and projections above `PER_TOWER_MIN_MACS` -> one cuBLAS GEMM per tower (tower_mm);
-- the switch between the two at `PER_TOWER_MIN_MACS`: both kernels in one model;
+- per tower: host counts and `Kernels("per_tower")` (or projections above `per_tower_min_macs`) -> one cuBLAS
+  GEMM per tower (tower_mm);
+- the switch between the two at `Kernels.per_tower_min_macs` ("auto"): both kernels in one model;
 - autocast over fp32 weights (the fp32-weights training mode), grouped and per tower;
 - fp32 weights without autocast, per tower and split (TF32 off: exact up to fp32 rounding);
 - the master-weights path: bf16 weights whose backward adds each micro-batch's weight gradient into an fp32
@@ -25,6 +26,8 @@ import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.model import MoTTransformer, routing
+from mot.model import kernels as model_kernels
+from mot.model.kernels import Kernels
 from mot.model.reference import mask_routed_forward
 from mot.train.master_weights import MasterWeightAdamW
 from mot.train.optim import parameter_groups
@@ -59,10 +62,10 @@ class Counter:
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Counts of the grouped-matmul and per-tower-GEMM calls made through routing."""
-    grouped, per_tower = Counter(torch._grouped_mm), Counter(routing.tower_mm)
+    """Counts of the grouped-matmul and per-tower-GEMM calls made by the projections (mot.model.kernels)."""
+    grouped, per_tower = Counter(torch._grouped_mm), Counter(model_kernels.tower_mm)
     monkeypatch.setattr(torch, "_grouped_mm", grouped)
-    monkeypatch.setattr(routing, "tower_mm", per_tower)
+    monkeypatch.setattr(model_kernels, "tower_mm", per_tower)
     return {"grouped": grouped, "per_tower": per_tower}
 
 
@@ -148,19 +151,18 @@ def gradients(model: MoTTransformer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kv_heads", [0, 2])
 @pytest.mark.parametrize("path", ["grouped", "per_tower"])
-def test_bf16_routing_equals_float64_oracle(path, kv_heads, kernels, monkeypatch):
-    model = make_model(n_kv_heads=kv_heads)
+def test_bf16_routing_equals_float64_oracle(path, kv_heads, kernels):
+    model = make_model(n_kv_heads=kv_heads, kernels="per_tower")  # every projection per tower where counted
     tokens = [batch(model, seed=1)]
     ref_logits, ref_grads = oracle(model, tokens)
     assert_wrong_route_is_caught(model, tokens[0], ref_logits[0])
-    monkeypatch.setattr(routing, "PER_TOWER_MIN_MACS", 0)  # every projection per tower where counted
     gpu = copy.deepcopy(model).to(DEVICE, torch.bfloat16)
     logits = ours(gpu, tokens, counted=path == "per_tower")
     assert kernels[path].calls > 0 and kernels["grouped" if path == "per_tower" else "per_tower"].calls == 0
     assert_close_to_oracle(logits, gradients(gpu), ref_logits, ref_grads, torch.bfloat16, f"bf16 {path}")
 
 
-def test_per_tower_min_macs_switch_mixes_kernels_in_one_model(kernels, monkeypatch):
+def test_per_tower_min_macs_switch_mixes_kernels_in_one_model(kernels):
     """With host counts, each projection picks its kernel by its size: with the threshold between the model's
     smallest and largest projections, both kernels run in one forward and backward, and the result equals the
     oracle. (Which side the recipes' projections fall on: tests/test_tower_matmul.py.)"""
@@ -170,20 +172,19 @@ def test_per_tower_min_macs_switch_mixes_kernels_in_one_model(kernels, monkeypat
     sizes = sorted(rows * m.weight.shape[1] * m.weight.shape[2]
                    for m in model.modules() if isinstance(m, routing.TowerLinear))
     assert sizes[0] < sizes[-1]
-    monkeypatch.setattr(routing, "PER_TOWER_MIN_MACS", sizes[-1])
     ref_logits, ref_grads = oracle(model, tokens)
     gpu = copy.deepcopy(model).to(DEVICE, torch.bfloat16)
+    gpu.kernels = Kernels("auto", per_tower_min_macs=sizes[-1])
     logits = ours(gpu, tokens, counted=True)
     assert kernels["per_tower"].calls > 0 and kernels["grouped"].calls > 0, {k: c.calls for k, c in kernels.items()}
     assert_close_to_oracle(logits, gradients(gpu), ref_logits, ref_grads, torch.bfloat16, "mixed kernels")
 
 
 @pytest.mark.parametrize("counted", [False, True])
-def test_autocast_over_fp32_weights_equals_oracle(counted, kernels, monkeypatch):
+def test_autocast_over_fp32_weights_equals_oracle(counted, kernels):
     """The fp32-weights training mode: the projections cast to bf16 as F.linear would under autocast, and the
     fp32 weights get their gradients."""
-    monkeypatch.setattr(routing, "PER_TOWER_MIN_MACS", 0)
-    model = make_model()
+    model = make_model(kernels="per_tower")
     tokens = [batch(model, seed=3)]
     ref_logits, ref_grads = oracle(model, tokens)
     gpu = copy.deepcopy(model).to(DEVICE)
@@ -194,10 +195,9 @@ def test_autocast_over_fp32_weights_equals_oracle(counted, kernels, monkeypatch)
 
 
 @pytest.mark.parametrize("counted", [False, True])
-def test_fp32_routing_equals_oracle(counted, kernels, monkeypatch):
+def test_fp32_routing_equals_oracle(counted, kernels):
     """fp32 weights without autocast: per-tower GEMMs (counted) or split + matmul; no grouped matmul (bf16)."""
-    monkeypatch.setattr(routing, "PER_TOWER_MIN_MACS", 0)
-    model = make_model(n_kv_heads=2)
+    model = make_model(n_kv_heads=2, kernels="per_tower")
     tokens = [batch(model, seed=4)]
     ref_logits, ref_grads = oracle(model, tokens)
     gpu = copy.deepcopy(model).to(DEVICE)
@@ -210,10 +210,9 @@ def test_master_weight_gradients_accumulate_in_fp32_inside_the_gemm(kernels, mon
     """Two micro-batches (under autocast, as in training) through bf16 weights whose backward adds into fp32
     sums (`addmm.dtype_out`): the sums equal the oracle's summed float64 gradients, the weights get no `.grad`,
     and the other parameters' `.grad` hold the sum as usual."""
-    monkeypatch.setattr(routing, "PER_TOWER_MIN_MACS", 0)
     dtype_out = Counter(torch.ops.aten.addmm.dtype_out)
     monkeypatch.setattr(torch.ops.aten.addmm, "dtype_out", dtype_out)
-    model = make_model()
+    model = make_model(kernels="per_tower")
     tokens = [batch(model, seed=5), batch(model, seed=6)]
     ref_logits, ref_grads = oracle(model, tokens)
     gpu = copy.deepcopy(model).to(DEVICE)

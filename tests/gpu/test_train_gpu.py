@@ -32,6 +32,7 @@ from mot.config import load_config
 from mot.data.shards import ShardedCorpus
 from mot.train.data import shards_ready
 from mot.train.metrics_log import read_log
+from mot.train.step import micro_batch_losses
 from mot.train.trainer import Trainer
 from mot.vocab import UnifiedVocab
 from tests.conftest import reset_accelerator
@@ -117,23 +118,23 @@ def test_host_tower_counts_equal_the_device_counts_of_real_demo_batches(demo, tm
     monkeypatch.setattr(transformer, "route_tokens", lambda modality, n, permute, host_counts: routes.append(
         (host_counts, route_tokens(modality, n, permute, host_counts))) or routes[-1][1])
     trainer = Trainer(load_config(RECIPE, overrides(demo, tmp_path)), progress=False)
-    device = trainer.accelerator.device
+    device = trainer.state.accelerator.device
     assert device.type == DEVICE
-    n = len(trainer.names)
+    n = len(trainer.state.names)
     seen = torch.zeros(n, dtype=torch.long)
     for _ in range(12):  # micro-batches: 6 optimizer steps' worth
-        host = trainer._host_batch(next(trainer.train_batches))
+        host = trainer.state.objective.host_batch(next(trainer.state.train_batches))
         assert host.modality.device.type == "cpu" and host.tower_counts is not None
         batch = host.to(device)
         assert batch.tower_counts == host.tower_counts
-        modality = trainer.vocab.modality_of(batch.tokens)  # on the device
+        modality = trainer.state.vocab.modality_of(batch.tokens)  # on the device
         assert modality.device.type == DEVICE and torch.equal(modality, batch.modality)
         counts = torch.bincount(modality.reshape(-1), minlength=n).cpu()
         assert tuple(counts.tolist()) == host.tower_counts
         assert sum(host.tower_counts) == batch.tokens.numel()
         routes.clear()
         with torch.no_grad():
-            trainer._loss(batch)  # the training forward (bf16 autocast on CUDA)
+            micro_batch_losses(trainer.state, batch)  # the training forward (bf16 autocast on CUDA)
         assert [given for given, _ in routes] == [host.tower_counts], "the forward got other counts, or none"
         route = routes[0][1]
         assert route.counts.device.type == DEVICE and route.counts.tolist() == list(host.tower_counts)
@@ -142,7 +143,7 @@ def test_host_tower_counts_equal_the_device_counts_of_real_demo_batches(demo, tm
             assert (rows == m).all(), f"the host count of tower {m} cuts the device's sorted rows elsewhere"
         seen += counts
     for name in demo.modalities:
-        assert seen[trainer.names.index(name)] > 0, f"no {name} tokens in 12 demo batches"
+        assert seen[trainer.state.names.index(name)] > 0, f"no {name} tokens in 12 demo batches"
 
 
 # ---------------------------------------------------------------- the loss curve against the CPU
@@ -166,8 +167,8 @@ def runs_cpu_and_cuda(demo, tmp_path_factory) -> tuple[Run, Run]:
     reset_accelerator()
     try:
         trainer = Trainer(load_config(RECIPE, overrides(demo, cuda_out)), progress=False)
-        assert trainer.accelerator.device.type == DEVICE
-        assert trainer.master_weights == (DEVICE == "cuda")  # bf16 weights, fp32 masters
+        assert trainer.state.accelerator.device.type == DEVICE
+        assert trainer.state.master_weights == (DEVICE == "cuda")  # bf16 weights, fp32 masters
         result = trainer.fit()
         assert result.step == STEPS
     except BaseException:
@@ -275,7 +276,7 @@ def test_a_cuda_run_killed_after_a_checkpoint_resumes_on_its_curve(demo, runs_cp
     reset_accelerator()
     try:
         trainer = Trainer(load_config(RECIPE, overrides(demo, tmp_path)), resume=True, progress=False)
-        assert trainer.step == CHECKPOINT_EVERY and trainer.accelerator.device.type == DEVICE
+        assert trainer.state.step == CHECKPOINT_EVERY and trainer.state.accelerator.device.type == DEVICE
         result = trainer.fit()
     finally:
         reset_accelerator()

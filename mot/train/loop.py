@@ -1,0 +1,132 @@
+"""The training loop's cadence: a step, then on schedule a log row, an evaluation, a checkpoint; the plot and
+summary.json at the end.
+
+    result = fit(state)    # up to train.steps (the schedule always spans train.steps)
+
+A log row (log.jsonl, TensorBoard) averages the steps since the last one: weighted and per-modality loss,
+learning rate, gradient norm, tokens/s, step time, MFU on a GPU (the steps' FLOPs with attention under each
+batch's document mask; `mfu_full_causal` counts attention over the whole row) and the run's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mot.train.metrics_log import MetricsLog, plot_loss_curves
+from mot.train.state import TrainState
+from mot.train.state_io import save_state
+from mot.train.step import evaluate, per_modality, update
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: dict[str, float]  # last logged window, per modality (and "loss", the weighted total)
+    eval_loss: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    plot: Path | None = None
+    losses: list[float] = field(default_factory=list)  # weighted loss of every step this process ran
+    skipped_steps: int = 0
+
+
+class Window:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self, n_modalities: int):
+        self.loss_sum = torch.zeros(n_modalities, dtype=torch.float64)
+        self.count = torch.zeros(n_modalities, dtype=torch.float64)
+        self.weighted, self.steps, self.tokens, self.seconds, self.flops = 0.0, 0, 0, 0.0, 0.0
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, weighted: float, tokens: int, seconds: float,
+            flops: float):
+        self.loss_sum += loss_sum.double()
+        self.count += count.double()
+        self.weighted += weighted
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+        self.flops += flops
+
+
+def counters(state: TrainState) -> dict[str, float]:
+    return {"tokens": state.tokens_seen, "flops": state.flops_seen, "wall_s": round(state.wall_s, 3)}
+
+
+def train_row(state: TrainState, window: Window, lr: float, grad_norm: float) -> dict[str, Any]:
+    tokens_per_s = window.tokens / window.seconds
+    row: dict[str, Any] = {"loss": window.weighted / window.steps}
+    row.update(per_modality(state.names, window.loss_sum, window.count))
+    row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                "step_ms": 1e3 * window.seconds / window.steps, **counters(state)})
+    if state.peak:  # per device: the step's FLOPs over every process
+        devices = state.peak * state.accelerator.num_processes
+        row["mfu"] = window.flops / window.seconds / devices
+        row["mfu_full_causal"] = tokens_per_s * state.full_causal_flops_per_token / devices
+    return row
+
+
+def postfix(row: dict[str, Any]) -> dict[str, str]:
+    out = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")}
+    out["tok/s"] = f"{row['tokens_per_s']:.0f}"
+    if "mfu" in row:
+        out["mfu"] = f"{100 * row['mfu']:.1f}%"
+    return out
+
+
+def fit(state: TrainState, until: int | None = None, progress: bool = True) -> TrainResult:
+    """Train up to step `until` (default train.steps; the schedule always spans train.steps)."""
+    t, acc = state.cfg.train, state.accelerator
+    until = t.steps if until is None else min(until, t.steps)
+    main = acc.is_main_process
+    log = MetricsLog(state.run_dir, t.tensorboard, resume_step=state.step) if main else None
+    window = Window(len(state.names))
+    result = TrainResult(state.run_dir, state.step, {})
+    bar = tqdm(total=t.steps, initial=state.step, desc=state.cfg.name, unit="step", dynamic_ncols=True,
+               disable=not (main and progress))
+    state.model.train()
+    try:
+        while state.step < until:
+            start = time.perf_counter()
+            step = update(state, log)
+            seconds = time.perf_counter() - start
+            state.wall_s += seconds
+            result.losses.append(step.weighted)
+            if step.applied:
+                window.add(step.loss_sum, step.count, step.weighted, state.tokens_per_step, seconds,
+                           state.step_flops)
+            bar.update(1)
+
+            if main and window.steps and (state.step % max(t.log_every, 1) == 0 or state.step == until):
+                row = train_row(state, window, step.lr, step.grad_norm)
+                log.write("train", state.step, row)
+                result.train_loss = {k: v for k, v in row.items() if k.startswith("loss")}
+                bar.set_postfix(postfix(row), refresh=False)
+                window = Window(len(state.names))
+            final = state.step == until
+            if final or (t.eval_every and state.step % t.eval_every == 0):
+                evaluation = evaluate(state)
+                if main and evaluation:
+                    log.write("eval", state.step, {**evaluation, **counters(state)})
+                    result.eval_loss = {k: v for k, v in evaluation.items() if k.startswith("loss")}
+                    plot_loss_curves(log.path, state.run_dir / "loss_curves.png", state.cfg.name)
+            if final or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
+                result.checkpoint = save_state(state)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if main:
+        result.plot = plot_loss_curves(state.run_dir / "log.jsonl", state.run_dir / "loss_curves.png",
+                                       state.cfg.name)
+        summary = {"step": state.step, "train": result.train_loss, "eval": result.eval_loss,
+                   "skipped_steps": state.skipped, **counters(state),
+                   "checkpoint": str(result.checkpoint), "plot": str(result.plot)}
+        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    result.step, result.skipped_steps = state.step, state.skipped
+    return result
