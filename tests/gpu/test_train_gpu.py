@@ -218,13 +218,13 @@ def test_cuda_losses_track_the_cpu_run_of_the_same_recipe_and_seed(runs_cpu_and_
 # that the kill lands after that checkpoint and a few logged steps, well before the run ends.
 PACED = """
 import sys, time
-from mot.train.trainer import Trainer
-step = Trainer.train_step
-def paced(self):
-    if self.step >= {after}:
+from mot.train import step as steps
+train_step = steps.train_step
+def paced(state):
+    if state.step >= {after}:
         time.sleep({pause})
-    return step(self)
-Trainer.train_step = paced
+    return train_step(state)
+steps.train_step = paced
 from mot.cli import main
 sys.exit(main(sys.argv[1:]))
 """
