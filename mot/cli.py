@@ -164,30 +164,20 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    import dataclasses
-
-    from mot.compare import compare_runs, markdown_table
-    from mot.train.trainer import train
+    from mot.compare import compare_runs, markdown_table, train_pairs
 
     if args.recipe:
         if args.runs:
             raise ConfigError("mot compare: give run folders or --recipe, not both")
-        cfg = load_config(args.recipe, overrides)
-        if cfg.model.is_dense:
-            raise ConfigError(f"{args.recipe}: model.untie is empty: the recipe is already the dense baseline")
         where = str(args.recipe) + (f" (with overrides {overrides})" if overrides else "")
-        runs = []
-        for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
-            # Same seed, same data order: only the untied parameters differ.
-            variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}", model=model)
-            print(f"mot compare: training {variant.name}")
-            runs.append(train(variant, where, resume=args.resume, overwrite=args.overwrite).run_dir)
+        cfg = load_config(args.recipe, overrides)
+        runs = train_pairs(cfg, where, args.seeds, args.resume, args.overwrite)
         out = Path(args.out or Path(cfg.train.out_dir) / f"{cfg.name}-compare")
     else:
         if len(args.runs) < 2:
             raise ConfigError("mot compare: give two or more run folders, or --recipe R.toml")
-        if overrides:
-            raise ConfigError(f"mot compare: overrides {overrides} only apply with --recipe")
+        if overrides or args.seeds:
+            raise ConfigError(f"mot compare: overrides and --seeds {overrides or args.seeds} only apply with --recipe")
         runs, out = args.runs, Path(args.out or "compare")
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -229,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: compare/, or runs/NAME-compare)")
     p.add_argument("--resume", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="with --recipe: retrain runs that already exist")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --recipe: train both variants for each of these train.seed values; the report gives "
+                        "the band over seeds (default: the recipe's seed)")
     p.set_defaults(func=cmd_compare)
     return parser
 

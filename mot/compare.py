@@ -1,17 +1,25 @@
 """MoT against dense as the paper measures it: eval loss against training FLOPs per modality, and the
 fraction of the dense run's FLOPs at which the MoT run first reaches the dense run's final eval loss.
 
-    report = compare_runs(["runs/x-dense", "runs/x-mot"], out_dir="runs/x-compare")
+    report = compare_runs(["runs/x-dense-s0", "runs/x-mot-s0", "runs/x-dense-s1", "runs/x-mot-s1"], "out/")
+    folders = train_pairs(cfg, "recipes/x.toml", seeds=[0, 1, 2])      # both variants per seed, then compare
 
 Reads each run's `log.jsonl` (eval rows carry cumulative training FLOPs and wall time, so nothing is
-recomputed) and `config.json`. The reference is the run whose model has nothing untied (or the first run).
-The crossing is interpolated linearly in FLOPs between the two evaluations around it; an eval curve that
-never gets down to the dense loss is "not reached".
+recomputed) and `config.json`. Each MoT run is measured against the dense run of the same `train.seed` (else
+the first dense run; else the first run). The crossing is interpolated linearly in FLOPs between the two
+evaluations around it; a curve that never gets down to the dense loss is "not reached". With several seeds,
+the fractions of the MoT runs of one variant are summarised as mean, min and max: the band over seeds.
+
+Wall-clock: the log's `wall_s` sums the training steps alone (start-up, data preparation and evaluations are
+outside it). From that sum this takes out the warm-up, what steps took beyond the steady step time (compile
+and recompiles, CUDA graph capture, cold caches): each log window's excess over the run's median step time.
+The warm-up is reported per run beside the compile-free wall-clock-to-match and the steady step-time ratio.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,12 @@ class RunCurves:
     dense: bool
     modalities: list[str]
     evals: list[dict[str, Any]]  # eval rows in step order
+    seed: int = 0
+    untie: tuple[str, ...] = ()
+    trains: tuple[dict[str, Any], ...] = ()  # train rows in step order (step_ms of each log window)
 
     def curve(self, key: str, x: str = "flops") -> list[tuple[float, float]]:
-        return [(row[x], row[key]) for row in self.evals if row.get(key) is not None]
+        return [(row[x], row[key]) for row in self.evals if row.get(key) is not None and row.get(x) is not None]
 
 
 def load_run(folder: str | Path) -> RunCurves:
@@ -41,12 +52,15 @@ def load_run(folder: str | Path) -> RunCurves:
     if not log.is_file() or not config.is_file():
         raise CompareError(f"{folder}: not a run folder (needs log.jsonl and config.json written by `mot train`)")
     cfg = json.loads(config.read_text())
-    evals = sorted((r for r in read_log(log) if r["kind"] == "eval"), key=lambda r: r["step"])
+    rows = read_log(log)
+    evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
     if not evals:
         raise CompareError(f"{folder}: the log holds no evaluation; train with data.eval_fraction > 0")
+    trains = tuple(sorted((r for r in rows if r["kind"] == "train" and "step_ms" in r), key=lambda r: r["step"]))
     modalities = [m["name"] for m in cfg["model"]["modalities"]]
     dense = not cfg["model"]["untie"] or len(modalities) == 1
-    return RunCurves(cfg.get("name", folder.name), folder, dense, modalities, evals)
+    return RunCurves(cfg.get("name", folder.name), folder, dense, modalities, evals,
+                     seed=cfg.get("train", {}).get("seed", 0), untie=tuple(cfg["model"]["untie"]), trains=trains)
 
 
 def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -63,17 +77,152 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
-def matching_fractions(reference: RunCurves, other: RunCurves, keys: list[str]) -> dict[str, float | None]:
-    """Per key: the fraction of the reference's total FLOPs at which `other` reaches its final loss."""
-    total = reference.evals[-1]["flops"]
+def matching_fractions(reference: RunCurves, other: RunCurves, keys: list[str], x: str = "flops"
+                       ) -> dict[str, float | None]:
+    """Per key: the fraction of the reference's total `x` (training FLOPs, or any cumulative column of the eval
+    rows) at which `other` reaches the reference's final loss."""
+    total = reference.evals[-1][x]
     out = {}
     for key in keys:
-        ref = reference.curve(key)
+        ref = reference.curve(key, x)
         if not ref:
             continue
-        reached = flops_to_reach(other.curve(key), ref[-1][1])
+        reached = flops_to_reach(other.curve(key, x), ref[-1][1])
         out[key] = None if reached is None else reached / total
     return out
+
+
+# ---------------------------------------------------------------- wall-clock without warm-up
+
+
+def windows(run: RunCurves) -> list[tuple[int, float]]:
+    """(last step, seconds per step) of each log window, the steps of a window since the previous row."""
+    out, previous = [], 0
+    for row in run.trains:
+        if row["step"] > previous:
+            out.append((row["step"], row["step_ms"] / 1e3))
+            previous = row["step"]
+    return out
+
+
+def steady_step_s(run: RunCurves) -> float | None:
+    """The median of the windows' seconds per step (each window weighted once): the steady step time."""
+    times = [s for _, s in windows(run)]
+    return statistics.median(times) if times else None
+
+
+def warmup_by_step(run: RunCurves) -> list[tuple[int, float]]:
+    """Cumulative warm-up seconds at the end of each window: the window's steps times its excess per step over
+    the steady step time, summed."""
+    steady, total, previous, out = steady_step_s(run), 0.0, 0, []
+    for step, seconds in windows(run):
+        total += max(0.0, seconds - steady) * (step - previous)
+        out.append((step, total))
+        previous = step
+    return out
+
+
+def with_compute_wall(run: RunCurves) -> RunCurves:
+    """The run with `wall_compute_s` in every eval row: its wall_s less the warm-up up to that step (None where
+    the log has no step times)."""
+    warmup = warmup_by_step(run)
+    evals = []
+    for row in run.evals:
+        spent = next((w for step, w in reversed(warmup) if step <= row["step"]), 0.0) if warmup else None
+        wall = row.get("wall_s")
+        evals.append({**row, "wall_compute_s": None if wall is None or spent is None else wall - spent})
+    return RunCurves(run.name, run.folder, run.dense, run.modalities, evals, run.seed, run.untie, run.trains)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def reference_for(run: RunCurves, runs: list[RunCurves]) -> RunCurves:
+    """The dense run of the same seed, else the first dense run, else the first run."""
+    dense = [r for r in runs if r.dense]
+    return next((r for r in dense if r.seed == run.seed), dense[0] if dense else runs[0])
+
+
+def band(values: list[float | None]) -> dict[str, Any]:
+    """Mean, min and max of the reached values, and how many of all reached."""
+    reached = [v for v in values if v is not None]
+    summary: dict[str, Any] = {"runs": len(values), "reached": len(reached)}
+    if reached:
+        summary.update(mean=statistics.mean(reached), min=min(reached), max=max(reached))
+    return summary
+
+
+def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Write compare.png, compare.md and compare.json into out_dir; return the JSON report."""
+    runs = [with_compute_wall(load_run(f)) for f in folders]
+    if len(runs) < 2:
+        raise CompareError("compare needs at least two run folders")
+    reference = reference_for(runs[0], runs) if any(r.dense for r in runs) else runs[0]
+    keys = ["loss", *(f"loss/{m}" for m in reference.modalities)]
+    report: dict[str, Any] = {"reference": reference.name, "reference_dense": reference.dense, "keys": keys,
+                              "runs": [], "bands": []}
+    for run in runs:
+        final, steady = run.evals[-1], steady_step_s(run)
+        warmup = warmup_by_step(run)
+        entry = {
+            "name": run.name, "folder": str(run.folder), "dense": run.dense, "seed": run.seed,
+            "untie": list(run.untie), "steps": final["step"], "flops": final["flops"], "wall_s": final.get("wall_s"),
+            "wall_compute_s": final.get("wall_compute_s"), "warmup_s": warmup[-1][1] if warmup else None,
+            "steady_step_s": steady, "final_eval": {k: final[k] for k in keys if k in final},
+        }
+        ref = reference_for(run, runs)
+        if run is not ref:
+            ref_steady = steady_step_s(ref)
+            entry.update(
+                reference=ref.name,
+                flops_fraction_to_match_reference=matching_fractions(ref, run, keys),
+                wall_fraction_to_match_reference=(matching_fractions(ref, run, keys, "wall_compute_s")
+                                                  if entry["wall_compute_s"] is not None
+                                                  and ref.evals[-1].get("wall_compute_s") else {}),
+                steady_step_ratio=steady / ref_steady if steady and ref_steady else None)
+        report["runs"].append(entry)
+    compared = [r for r in report["runs"] if "reference" in r and not r["dense"]]
+    for untie in dict.fromkeys(tuple(r["untie"]) for r in compared):  # one band per MoT variant
+        members = [r for r in compared if tuple(r["untie"]) == untie]
+        report["bands"].append({
+            "untie": list(untie), "seeds": [r["seed"] for r in members],
+            "flops_fraction": {k: band([r["flops_fraction_to_match_reference"].get(k) for r in members])
+                               for k in keys},
+            "wall_fraction": {k: band([r["wall_fraction_to_match_reference"].get(k) for r in members])
+                              for k in keys},
+            "steady_step_ratio": band([r["steady_step_ratio"] for r in members]),
+        })
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(runs, keys, out / "compare.png")
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    (out / "compare.md").write_text(markdown_table(report, keys))
+    return report
+
+
+def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = False,
+                overwrite: bool = False) -> list[Path]:
+    """Train the recipe's dense baseline and its MoT model for each seed (same data order per seed: only the
+    untied parameters differ); their run folders. Run names: NAME-dense, NAME-mot (NAME-dense-s1, ... with
+    several seeds)."""
+    import dataclasses
+
+    from mot.config import ConfigError
+    from mot.flops import dense_baseline
+    from mot.train.trainer import train
+
+    if cfg.model.is_dense:
+        raise ConfigError(f"{where}: model.untie is empty: the recipe is already the dense baseline")
+    seeds = seeds or [cfg.train.seed]
+    folders = []
+    for seed in seeds:
+        suffix = f"-s{seed}" if len(seeds) > 1 else ""
+        for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
+            variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
+                                          train=dataclasses.replace(cfg.train, seed=seed))
+            print(f"mot compare: training {variant.name}")
+            folders.append(train(variant, where, resume=resume, overwrite=overwrite).run_dir)
+    return folders
 
 
 def _plot(runs: list[RunCurves], keys: list[str], out_png: Path) -> None:
@@ -83,8 +232,9 @@ def _plot(runs: list[RunCurves], keys: list[str], out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), squeeze=False)
+    panels = (("flops", "training FLOPs"), ("wall_compute_s", "wall-clock of training steps, warm-up out (s)"))
     for col, key in enumerate(keys):
-        for row, (x, label) in enumerate((("flops", "training FLOPs"), ("wall_s", "wall-clock (s)"))):
+        for row, (x, label) in enumerate(panels):
             ax = axes[row][col]
             for run in runs:
                 points = run.curve(key, x)
@@ -95,58 +245,57 @@ def _plot(runs: list[RunCurves], keys: list[str], out_png: Path) -> None:
             ax.set_ylabel("eval loss (nats)")
             ax.set_title("all modalities (weighted)" if key == "loss" else key.split("/", 1)[1])
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a log without step times has no warm-up-free wall-clock
+                ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
-
-
-def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Write compare.png, compare.md and compare.json into out_dir; return the JSON report."""
-    runs = [load_run(f) for f in folders]
-    if len(runs) < 2:
-        raise CompareError("compare needs at least two run folders")
-    reference = next((r for r in runs if r.dense), runs[0])
-    keys = ["loss", *(f"loss/{m}" for m in reference.modalities)]
-    report: dict[str, Any] = {"reference": reference.name, "reference_dense": reference.dense, "keys": keys,
-                              "runs": []}
-    for run in runs:
-        final = run.evals[-1]
-        entry = {
-            "name": run.name, "folder": str(run.folder), "dense": run.dense, "steps": final["step"],
-            "flops": final["flops"], "wall_s": final.get("wall_s"),
-            "final_eval": {k: final[k] for k in keys if k in final},
-        }
-        if run is not reference:
-            entry["flops_fraction_to_match_reference"] = matching_fractions(reference, run, keys)
-        report["runs"].append(entry)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _plot(runs, keys, out / "compare.png")
-    (out / "compare.json").write_text(json.dumps(report, indent=1))
-    (out / "compare.md").write_text(markdown_table(report, keys))
-    return report
 
 
 def _fraction(value: float | None) -> str:
     return "not reached" if value is None else f"{100 * value:.1f}%"
 
 
+def _band(summary: dict[str, Any]) -> str:
+    if not summary["reached"]:
+        return f"not reached (0 of {summary['runs']})"
+    reached = "" if summary["reached"] == summary["runs"] else f", {summary['reached']} of {summary['runs']}"
+    return f"{100 * summary['mean']:.1f}% ({100 * summary['min']:.1f}-{100 * summary['max']:.1f}%{reached})"
+
+
 def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
     names = ["all" if k == "loss" else k.split("/", 1)[1] for k in keys]
     lines = [
-        f"Reference: {report['reference']}{' (dense)' if report.get('reference_dense') else ''}. Fraction = share "
-        "of the reference's training FLOPs at which a run first reaches the reference's final eval loss (linear "
-        "interpolation between evaluations).",
+        "Fraction = share of the dense run's (same seed) training FLOPs, or wall-clock of its training steps with "
+        "the warm-up taken out, at which a run first reaches the dense run's final eval loss (linear "
+        "interpolation between evaluations). Warm-up: step time beyond the run's steady step time (compile, "
+        "graph capture); start-up, data preparation and evaluations are outside the wall-clock.",
         "",
-        "| run | kind | steps | training FLOPs | " + " | ".join(f"final eval {n}" for n in names)
-        + " | " + " | ".join(f"FLOPs to match, {n}" for n in names) + " |",
-        "|---" * (4 + 2 * len(keys)) + "|",
+        "| run | kind | seed | steps | training FLOPs | " + " | ".join(f"final eval {n}" for n in names)
+        + " | " + " | ".join(f"FLOPs to match, {n}" for n in names)
+        + " | " + " | ".join(f"wall to match, {n}" for n in names) + " | steady step ratio | warm-up s |",
+        "|---" * (7 + 3 * len(keys)) + "|",
     ]
     for run in report["runs"]:
         finals = [f"{run['final_eval'][k]:.4f}" if k in run["final_eval"] else "-" for k in keys]
-        fractions = run.get("flops_fraction_to_match_reference")
-        matched = [_fraction(fractions.get(k)) if fractions and k in fractions else "-" for k in keys]
-        lines.append(f"| {run['name']} | {'dense' if run['dense'] else 'MoT'} | {run['steps']} | "
-                     f"{run['flops']:.3g} | " + " | ".join(finals) + " | " + " | ".join(matched) + " |")
+        columns = []
+        for field in ("flops_fraction_to_match_reference", "wall_fraction_to_match_reference"):
+            fractions = run.get(field)
+            columns += [_fraction(fractions.get(k)) if fractions and k in fractions else "-" for k in keys]
+        ratio = run.get("steady_step_ratio")
+        warmup = run.get("warmup_s")
+        lines.append(f"| {run['name']} | {'dense' if run['dense'] else 'MoT'} | {run['seed']} | {run['steps']} | "
+                     f"{run['flops']:.3g} | " + " | ".join(finals + columns) + " | "
+                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if warmup is None else f'{warmup:.1f}'} |")
+    for group in report.get("bands", []):
+        if len(group["seeds"]) < 2:
+            continue
+        lines += ["", f"Over seeds {group['seeds']} (untie {group['untie']}): mean (min-max) of the MoT runs",
+                  "", "| measure | " + " | ".join(names) + " |", "|---" * (1 + len(keys)) + "|"]
+        for label, field in (("FLOPs to match", "flops_fraction"), ("wall to match", "wall_fraction")):
+            lines.append(f"| {label} | " + " | ".join(_band(group[field][k]) for k in keys) + " |")
+        ratio = group["steady_step_ratio"]
+        if ratio["reached"]:
+            lines.append(f"| steady step ratio | {ratio['mean']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})"
+                         + " |" * len(keys))
     return "\n".join(lines) + "\n"

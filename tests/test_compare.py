@@ -54,6 +54,69 @@ def test_fractions_and_outputs_on_runs_with_a_known_answer(tmp_path):
     assert saved["runs"][0]["flops_fraction_to_match_reference"]["loss/image"] is None
 
 
+def _timed_run(folder: Path, name: str, untie: list[str], seed: int, step_ms: list[float], losses: list[float]
+               ) -> Path:
+    """A run logging a train row every 5 steps (step_ms each) and an eval every 10 steps (losses), its wall_s the
+    sum of its step times, as `mot train` writes them."""
+    folder.mkdir(parents=True)
+    modalities = [{"name": "text"}, {"name": "image"}]
+    (folder / "config.json").write_text(json.dumps({"name": name, "train": {"seed": seed},
+                                                    "model": {"untie": untie, "modalities": modalities}}))
+    rows, wall = [], 0.0
+    for i, ms in enumerate(step_ms):
+        step = 5 * (i + 1)
+        wall += 5 * ms / 1e3
+        rows.append({"kind": "train", "step": step, "loss": 9.0, "step_ms": ms, "wall_s": wall})
+        if step % 10 == 0:
+            loss = losses[step // 10 - 1]
+            rows.append({"kind": "eval", "step": step, "flops": float(step), "wall_s": wall, "loss": loss,
+                         "loss/text": loss, "loss/image": loss})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_wall_clock_to_match_leaves_the_warm_up_out(tmp_path):
+    # dense: 1000 ms per step for the first 5 steps (compile), then 100: steady 0.1 s, warm-up 5 x 0.9 = 4.5 s,
+    # so 1.0 s of steps at step 10 and 2.0 s at step 20. MoT: 800 then 120 ms: steady 0.12, warm-up 3.4 s,
+    # 1.2 s at step 10, where it already has the dense run's final loss: 1.2 / 2.0 of the dense wall-clock.
+    dense = _timed_run(tmp_path / "d", "d", [], 0, [1000, 100, 100, 100], [3.0, 2.0])
+    mot = _timed_run(tmp_path / "m", "m", ["ffn"], 0, [800, 120, 120, 120], [2.0, 1.5])
+    report = compare_runs([dense, mot], tmp_path / "out")
+    d, m = report["runs"]
+    assert d["warmup_s"] == pytest.approx(4.5) and m["warmup_s"] == pytest.approx(3.4)
+    assert d["wall_compute_s"] == pytest.approx(2.0) and m["wall_compute_s"] == pytest.approx(2.4)
+    assert m["steady_step_ratio"] == pytest.approx(1.2)
+    assert m["flops_fraction_to_match_reference"]["loss"] == pytest.approx(0.5)
+    assert m["wall_fraction_to_match_reference"]["loss"] == pytest.approx(0.6)  # with the warm-up in: 4.6 / 6.5
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| m | MoT | 0 | 20 |" in table and "60.0%" in table and "| 1.200 | 3.4 |" in table
+
+
+def test_each_mot_run_meets_the_dense_run_of_its_seed_and_the_seeds_give_a_band(tmp_path):
+    steps = [100, 100, 100, 100]
+    runs = [
+        _timed_run(tmp_path / "d0", "d0", [], 0, steps, [3.0, 2.0]),
+        _timed_run(tmp_path / "d1", "d1", [], 1, steps, [3.0, 2.5]),
+        # seed 0 reaches 2.0 at step 20 (fraction 1.0); against seed 1's dense (2.5) it would be 0.75
+        _timed_run(tmp_path / "m0", "m0", ["ffn"], 0, steps, [3.0, 2.0]),
+        # seed 1 reaches 2.5 half way between steps 10 and 20: 15 / 20
+        _timed_run(tmp_path / "m1", "m1", ["ffn"], 1, steps, [3.0, 2.0]),
+        # seed 2 has no dense run of its own: the first dense run (seed 0) is its reference; never reaches 2.0
+        _timed_run(tmp_path / "m2", "m2", ["ffn"], 2, steps, [3.0, 2.2]),
+    ]
+    report = compare_runs(runs, tmp_path / "out")
+    by_name = {r["name"]: r for r in report["runs"]}
+    assert [by_name[n]["reference"] for n in ("m0", "m1", "m2")] == ["d0", "d1", "d0"]
+    assert "reference" not in by_name["d0"] and "reference" not in by_name["d1"]  # each its seed's reference
+    assert by_name["m0"]["flops_fraction_to_match_reference"]["loss"] == pytest.approx(1.0)
+    assert by_name["m1"]["flops_fraction_to_match_reference"]["loss"] == pytest.approx(0.75)
+    (group,) = report["bands"]
+    assert group["seeds"] == [0, 1, 2]
+    assert group["flops_fraction"]["loss"] == {"runs": 3, "reached": 2, "mean": pytest.approx(0.875),
+                                               "min": pytest.approx(0.75), "max": pytest.approx(1.0)}
+    assert "87.5% (75.0-100.0%, 2 of 3)" in (tmp_path / "out" / "compare.md").read_text()
+
+
 def test_a_folder_without_a_log_is_refused(tmp_path):
     with pytest.raises(CompareError, match="not a run folder"):
         load_run(tmp_path)
@@ -66,13 +129,17 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
     cfg = run_config(shards, tmp_path / "runs", steps=6, eval_every=3, checkpoint_every=0)
     recipe = tmp_path / "tiny.toml"
     write_recipe(recipe, cfg)
-    assert main(["compare", "--recipe", str(recipe)]) == 0
+    assert main(["compare", "--recipe", str(recipe), "--seeds", "0", "1"]) == 0
     out = tmp_path / "runs" / "tiny-compare"
     report = json.loads((out / "compare.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["tiny-dense", "tiny-mot"]
-    assert report["runs"][0]["dense"] and not report["runs"][1]["dense"]
-    # Same data and FLOPs per token: both runs log the same training FLOPs.
-    assert report["runs"][0]["flops"] == report["runs"][1]["flops"] > 0
+    assert [r["name"] for r in report["runs"]] == ["tiny-dense-s0", "tiny-mot-s0", "tiny-dense-s1", "tiny-mot-s1"]
+    assert [(r["dense"], r["seed"]) for r in report["runs"]] == [(True, 0), (False, 0), (True, 1), (False, 1)]
+    # Same data (per seed: train.seed orders it too) and FLOPs per token: a pair logs the same training FLOPs.
+    flops = [r["flops"] for r in report["runs"]]
+    assert flops[0] == flops[1] > 0 and flops[2] == flops[3] > 0
+    assert report["runs"][3]["reference"] == "tiny-dense-s1"
     assert set(report["runs"][1]["flops_fraction_to_match_reference"]) == {
         "loss", "loss/text", "loss/image", "loss/speech"}
-    assert (out / "compare.png").is_file() and "FLOPs to match" in (out / "compare.md").read_text()
+    assert report["bands"][0]["seeds"] == [0, 1] and report["runs"][1]["steady_step_ratio"] > 0
+    table = (out / "compare.md").read_text()
+    assert (out / "compare.png").is_file() and "FLOPs to match" in table and "Over seeds [0, 1]" in table
