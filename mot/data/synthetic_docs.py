@@ -8,6 +8,8 @@ Kinds (members of one sample share the KEY before the first dot, as webdataset's
                KEY.txt: a caption of 10-30 words; for a fraction of the samples KEY.wav: 1-3 s of speech-like
                audio (16 kHz mono 16-bit: harmonics on a moving pitch, syllable-rate envelope, noise), written
                with the stdlib `wave` module
+    scenes     the scaling corpus (mot.data.scenes): KEY.png, 64 px scenes of 1-4 objects or icons of a theme;
+               KEY.txt: a caption of 15-60 words; KEY.wav for a fraction of the samples
     chameleon  KEY.jpg: JPEG (quality 90) with sides in [min_side, max_side] (varied aspect ratios): a colour
                gradient, shapes, blotches and grain, so that decoding costs about what a photo of that size
                does; KEY.json: {"caption": ...}
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-KINDS = ("demo", "chameleon")
+KINDS = ("demo", "chameleon", "scenes")  # append only: a kind's index seeds its samples
 SAMPLE_RATE = 16_000
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
            "purple": (140, 40, 180), "orange": (250, 130, 20)}
@@ -193,6 +195,14 @@ def write_tar(task: dict[str, Any]) -> dict[str, Any]:
                     _add(tar, f"{key}.wav", wav_bytes(speech_like(rng, seconds)))
                     counts["audio"] += 1
                     counts["audio_seconds"] += seconds
+            elif kind == "scenes":
+                from mot.data.scenes import sample_members  # here: scenes imports this module
+
+                members, seconds = sample_members(rng, task)
+                for ext, data in members.items():
+                    _add(tar, f"{key}.{ext}", data)
+                counts["audio"] += "wav" in members
+                counts["audio_seconds"] += seconds
             else:
                 jpeg, caption = photo_like(rng, task.get("min_side", 480), task.get("max_side", 800),
                                            task.get("quality", 90))
@@ -210,8 +220,9 @@ def write_shards(kind: str, out_dir: str | Path, samples: int, per_tar: int = 10
                  seed: int = 0, progress: Any = None, **options: Any) -> list[dict[str, Any]]:
     """`samples` samples of `kind` in tars of `per_tar` under out_dir (`{kind}-00000.tar`, ...), written by a
     spawn pool of `workers` processes (1: here). options: audio_fraction, image_size (demo); min_side,
-    max_side, quality (chameleon). progress(done_tars, total_tars) is called as tars finish. One dict per
-    tar, in order: path, samples, images, audio, audio_seconds, bytes, seconds."""
+    max_side, quality (chameleon); audio_fraction, icon_dir, icon_fraction, speech (scenes). progress(done_tars,
+    total_tars) is called as tars finish. One dict per tar, in order: path, samples, images, audio,
+    audio_seconds, bytes, seconds."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: choose from {list(KINDS)}")
     out = Path(out_dir)
