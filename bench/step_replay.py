@@ -51,7 +51,7 @@ from mot.flops import (  # noqa: E402
     projection_flops_per_token,
     size_report,
 )
-from mot.model import MoTTransformer  # noqa: E402
+from mot.model import ModelInputs, MoTTransformer  # noqa: E402
 from mot.model.masks import document_block_mask  # noqa: E402
 from mot.objectives.ar import next_token_loss  # noqa: E402
 from mot.train.optim import build_optimizer, clip_gradients  # noqa: E402
@@ -202,7 +202,7 @@ def run_variant(name: str, cfg: ModelConfig, mode: str, args, device) -> dict:
 
     def forward_backward_once(tokens, modality, positions, mask, counts):
         with autocast:
-            logits = model(tokens, modality, positions, mask, tower_counts=counts)
+            logits = model(ModelInputs(tokens, modality, positions, mask, tower_counts=counts)).logits
         loss, _, _ = loss_fn(logits, tokens, modality, n_mod)
         loss.backward()
 

@@ -19,7 +19,7 @@ from mot.config import ModalityConfig, ModelConfig, RunConfig, TrainConfig, conf
 from mot.generate import GenerationConfig, generate
 from mot.interop.chameleon import ChameleonImportError, export_hf, import_hf
 from mot.interop.chameleon_vocab import ChameleonVocab, image_code_of, image_token_name
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.runs import load_for_inference
 from mot.train import checkpoint as ckpt
 
@@ -74,7 +74,7 @@ def hf_logits(model: ChameleonForConditionalGeneration, ids: torch.Tensor) -> to
 
 def mot_logits(model: MoTTransformer, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(ids)
+        return model(ModelInputs(ids)).logits
 
 
 def imported(tmp_path, gqa: bool, swin: bool) -> tuple[ChameleonForConditionalGeneration, MoTTransformer, torch.Tensor]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.model.rope import RotaryEmbedding, apply_rotary
 from mot.objectives.ar import next_token_loss
 from mot.vocab import UnifiedVocab
@@ -68,7 +68,8 @@ def test_explicit_causal_mask_and_positions_equal_the_defaults():
     tokens = torch.randint(80, (2, 12))
     causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
     positions = torch.arange(12).expand(2, 12)
-    torch.testing.assert_close(model(tokens, positions=positions, attn_mask=causal), model(tokens))
+    explicit = model(ModelInputs(tokens, positions=positions, attn_mask=causal)).logits
+    torch.testing.assert_close(explicit, model(ModelInputs(tokens)).logits)
 
 
 def test_a_document_starting_mid_sequence_sees_nothing_before_it():
@@ -80,5 +81,5 @@ def test_a_document_starting_mid_sequence_sees_nothing_before_it():
     doc = torch.tensor([0] * 5 + [1] * 7)
     mask = (doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
     positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    out = model(packed, positions=positions, attn_mask=mask[None, None])
-    torch.testing.assert_close(out[:, 5:], model(second))
+    out = model(ModelInputs(packed, positions=positions, attn_mask=mask[None, None])).logits
+    torch.testing.assert_close(out[:, 5:], model(ModelInputs(second)).logits)

@@ -17,7 +17,7 @@ from mot.flops import (
     param_counts,
     size_report,
 )
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from tests.conftest import tiny_config
 from tests.test_transfusion import diffusion_config  # image under diffusion: a 4x4 grid of 4-channel latents
 
@@ -58,7 +58,7 @@ def test_flops_match_flop_counter(name, kernels, generator):
     tokens = tokens_for_layout(random_layout(batch, seq_len, [0, 1, 2], 12, generator), model.vocab, generator)
     # The math backend runs attention as bmm over the full T x T square, which the counter sees.
     with flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
-        model(tokens).float().square().mean().backward()
+        model(ModelInputs(tokens)).logits.float().square().mean().backward()
     measured = counter.get_total_flops()
     predicted = size_report(cfg, seq_len, attention="full").flops_forward_backward_mixed * batch * seq_len
     assert measured == pytest.approx(predicted, rel=0.02)
@@ -108,7 +108,7 @@ def _diffusion_step(model, cfg, generator, backward: bool):
     latents = {1: torch.randn(n, cfg.modalities[1].patch_dim, generator=generator)}
     times = {1: torch.rand(n, generator=generator)}
     with flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
-        logits, predictions = model(tokens, modality, None, None, latents, times)
+        logits, predictions = model(ModelInputs(tokens, modality, latents=latents, timesteps=times))
         if backward:
             (logits.float().square().mean() + predictions[1].square().mean()).backward()
     counts = [int((modality == m).sum()) for m in range(cfg.n_modalities)]

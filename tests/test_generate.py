@@ -9,7 +9,7 @@ from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.generate import GenerationConfig, ModalityConstraints, generate, split_spans
 from mot.generate.decoder import CachedDecoder
 from mot.generate.loop import span_states
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.model.kv_cache import KVCache
 from tests.conftest import randomize_norms, tiny_config
 
@@ -35,16 +35,16 @@ def test_cached_decoding_equals_full_recompute_at_every_step(untie, placement, q
     for static in (False, True):
         cache = KVCache.for_model(model, 2, 40)
         with torch.no_grad():
-            model.forward_cached(tokens[:, :prefill].contiguous(), None, None, cache)
+            model.forward_cached(ModelInputs(tokens[:, :prefill].contiguous()), cache)
             for t in range(prefill, tokens.shape[1]):
-                full = model(tokens[:, : t + 1].contiguous())[:, -1]  # recomputed from scratch
+                full = model(ModelInputs(tokens[:, : t + 1].contiguous())).logits[:, -1]  # recomputed from scratch
                 new, ones = tokens[:, t : t + 1].contiguous(), torch.ones(2, 1, dtype=torch.bool)
                 if static:  # the compiled path: fixed shapes, written at a slot tensor
                     slot = torch.tensor(cache.length)
                     cached = model.decode_step(new, model.vocab.modality_of(new), slot.expand(2, 1), cache, slot, ones)
                     cache.length += 1
                 else:
-                    cached = model.forward_cached(new, None, None, cache)
+                    cached = model.forward_cached(ModelInputs(new), cache).logits
                 torch.testing.assert_close(cached[:, -1], full, rtol=0, atol=1e-12)
 
 
@@ -52,8 +52,8 @@ def test_prefill_logits_equal_the_training_forward(generator):
     model = _model(generator, dtype=torch.float32)
     tokens = tokens_for_layout(random_layout(2, 30, [0, 1, 2], 5, generator), model.vocab, generator)
     with torch.no_grad():
-        cached = model.forward_cached(tokens, None, None, KVCache.for_model(model, 2, 30))
-        torch.testing.assert_close(cached, model(tokens), rtol=1e-5, atol=1e-5)
+        cached = model.forward_cached(ModelInputs(tokens), KVCache.for_model(model, 2, 30)).logits
+        torch.testing.assert_close(cached, model(ModelInputs(tokens)).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_and_hidden_slots_change_nothing_visible(generator):
@@ -66,8 +66,9 @@ def test_left_padding_and_hidden_slots_change_nothing_visible(generator):
     visible = positions.new_ones(1, 15, dtype=torch.bool)
     visible[:, :5] = False
     with torch.no_grad():
-        got = model.forward_cached(padded, None, positions, KVCache.for_model(model, 1, 15), visible)[:, 5:]
-        torch.testing.assert_close(got, model(tokens), rtol=0, atol=1e-12)
+        inputs = ModelInputs(padded, positions=positions)
+        got = model.forward_cached(inputs, KVCache.for_model(model, 1, 15), visible=visible).logits[:, 5:]
+        torch.testing.assert_close(got, model(ModelInputs(tokens)).logits, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- constraints
@@ -207,7 +208,7 @@ def test_unconditional_row_reads_bod_and_the_open_span_only(generator):
                 continue
             opened = max(i for i in range(k) if rules.opens_span(result.tokens[i]))
             document = torch.tensor([[v.special_id("<bod>"), *result.tokens[opened:k]]])
-            expected = model(document)[0, -1].float() + decoder.bias  # the decoder hands out float32 logits
+            expected = model(ModelInputs(document)).logits[0, -1].float() + decoder.bias  # decoders hand out float32
             torch.testing.assert_close(decoder.logits[k][1], expected, rtol=0, atol=1e-6)
             checked += 1
     assert checked >= IMAGE_TOKENS, "no span was generated"

@@ -15,7 +15,7 @@ from mot.generate import GenerationConfig, ModalityConstraints, generate
 from mot.generate.decoder import CachedDecoder
 from mot.generate.diffusion import load_span_codecs, sample_span_reference, span_generator
 from mot.generate.loop import cache_slots, span_states
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.model.kernels import Kernels
 from mot.model.masks import mixed_mask
 from tests.conftest import randomize_norms
@@ -119,8 +119,8 @@ def test_spans_opened_at_different_steps_leave_the_other_rows_alone(scale, gener
             span = torch.full((1, len(ids)), -1)
             span[0, len(prefix) : len(prefix) + N] = 0
             tokens = torch.tensor([ids])
-            logits, _ = model(tokens, None, None, mixed_mask(torch.zeros_like(tokens), span),
-                              {IMAGE: result.latents[0]}, {IMAGE: torch.zeros(N)})
+            logits = model(ModelInputs(tokens, attn_mask=mixed_mask(torch.zeros_like(tokens), span),
+                                       latents={IMAGE: result.latents[0]}, timesteps={IMAGE: torch.zeros(N)})).logits
             torch.testing.assert_close(decoder.logits[end - N + 1][row], logits[0, -1].float() + decoder.bias,
                                        rtol=0, atol=1e-6)
 
@@ -274,9 +274,9 @@ def _full_logits(model, ids: list[int], latents: list[torch.Tensor]) -> torch.Te
     for k, a in enumerate(starts):
         span[0, a : a + N] = k
     z = {IMAGE: torch.cat(latents)} if latents else None
-    out = model(tokens, None, None, mixed_mask(torch.zeros_like(tokens), span), z,
-                {IMAGE: torch.zeros(N * len(latents))} if latents else None)
-    return (out[0] if latents else out)[0, -1].float()
+    times = {IMAGE: torch.zeros(N * len(latents))} if latents else None
+    out = model(ModelInputs(tokens, attn_mask=mixed_mask(torch.zeros_like(tokens), span), latents=z, timesteps=times))
+    return out.logits[0, -1].float()
 
 
 @pytest.mark.parametrize("untie", [("attn", "ffn", "norm"), ()], ids=["mot", "dense"])

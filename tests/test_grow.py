@@ -14,7 +14,7 @@ from mot import runs
 from mot.cli import main
 from mot.config import DataConfig, RunConfig, TrainConfig, config_to_dict, load_config
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.train import checkpoint as ckpt
 from mot.train.optim import build_optimizer
 from mot.train.trainer import Trainer
@@ -35,7 +35,7 @@ def _checkpoint(folder: Path, cfg: RunConfig, seed: int = 0) -> Path:
     randomize_norms(model, torch.Generator().manual_seed(seed))
     optimizer = build_optimizer(model, cfg.train)
     tokens = _tokens(model, list(range(cfg.model.n_modalities)), seed)
-    model(tokens).square().mean().backward()
+    model(ModelInputs(tokens)).logits.square().mean().backward()
     optimizer.step()
     state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     meta = {"config": config_to_dict(cfg), "tokens_seen": 64, "wall_s": 1.0, "flops_seen": 1e6, "scheduler": {},
@@ -50,7 +50,7 @@ def _tokens(model: MoTTransformer, modalities: list[int], seed: int = 1) -> torc
 
 def _logits64(model: MoTTransformer, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.double()(tokens)
+        return model.double()(ModelInputs(tokens)).logits
 
 
 def _model(path: Path) -> MoTTransformer:
@@ -183,7 +183,8 @@ def test_added_modality_leaves_the_old_ones_unchanged(variant, tmp_path):
     assert speech and all(torch.equal(speech[k], text[k]) for k in text)
     if variant == "pattention per modality":
         assert new.cfg.param_tokens_per_modality == [8, 12, 8]
-    assert new(tokens_for_layout(torch.full((1, 8), 2), new.vocab, torch.Generator())).shape == (1, 8, 192)
+    tokens = tokens_for_layout(torch.full((1, 8), 2), new.vocab, torch.Generator())
+    assert new(ModelInputs(tokens)).logits.shape == (1, 8, 192)
 
 
 def test_add_modality_errors(tmp_path):

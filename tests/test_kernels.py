@@ -10,7 +10,7 @@ import torch
 
 from mot.config import ConfigError, load_config
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer, routing
+from mot.model import ModelInputs, MoTTransformer, routing
 from mot.model import kernels as model_kernels
 from mot.model.kernels import AUTO, Kernels
 from tests.conftest import randomize_norms, tiny_config
@@ -38,7 +38,7 @@ def calls(monkeypatch) -> dict[str, Counter]:
 
 def _logits_and_grads(model: MoTTransformer, tokens: torch.Tensor):
     model.zero_grad(set_to_none=True)
-    logits = model(tokens)
+    logits = model(ModelInputs(tokens)).logits
     (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mot.data.loader import document_causal_mask
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.model.masks import document_block_mask
 from tests.conftest import tiny_config
 
@@ -19,9 +19,9 @@ def test_block_mask_and_boolean_mask_agree(generator):
     document_ids = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(n)) for n in lengths])
     positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     with torch.no_grad():
-        dense = model(tokens, positions=positions, attn_mask=document_causal_mask(document_ids))
-        flex = model(tokens, positions=positions, attn_mask=document_block_mask(document_ids))
+        dense = model(ModelInputs(tokens, positions=positions, attn_mask=document_causal_mask(document_ids))).logits
+        flex = model(ModelInputs(tokens, positions=positions, attn_mask=document_block_mask(document_ids))).logits
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
     # The mask matters: plain causal attention over the packed sequence gives other outputs.
-    causal = model(tokens, positions=positions)
+    causal = model(ModelInputs(tokens, positions=positions)).logits
     assert not torch.allclose(causal, dense, atol=1e-3)

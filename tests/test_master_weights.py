@@ -13,7 +13,7 @@ from torch import nn
 from mot.config import ConfigError, TrainConfig
 from mot.data.synthetic import tokens_for_layout
 from mot.flops import dense_baseline
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.objectives.ar import next_token_loss
 from mot.train.master_weights import MasterWeightAdamW, compute_weight_names
 from mot.train.optim import build_optimizer, clip_gradients, parameter_groups
@@ -73,7 +73,7 @@ def test_update_equals_torch_adamw_on_the_fp32_values(max_norm):
 
 def _loss(model, tokens, modality, n):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(tokens, modality)
+        logits = model(ModelInputs(tokens, modality)).logits
     return next_token_loss(logits, tokens, modality, n)[0]
 
 

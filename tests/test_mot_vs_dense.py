@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from tests.conftest import randomize_norms, tiny_config
 
 
@@ -19,7 +19,7 @@ def _copy_dense_into_every_tower(dense: MoTTransformer, mot: MoTTransformer) -> 
 
 
 def _loss(model, tokens):
-    logits = model(tokens)
+    logits = model(ModelInputs(tokens)).logits
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
     return (logits * weights).sum() / logits.numel(), logits
 

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mot.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.flops import flop_counter, param_counts, size_report
-from mot.model import MoTTransformer, routing
+from mot.model import ModelInputs, MoTTransformer, routing
 from mot.model.kernels import Kernels
 from mot.model.pattention import TowerPattention
 from mot.model.reference import mask_routed_forward
@@ -125,7 +125,7 @@ def test_mot_with_pattention_equals_mask_reference_float64(layout, variant, gene
     tokens = tokens_for_layout(random_layout(2, 30, LAYOUTS[layout], 7, generator), model.vocab, generator)
     weights = torch.randn(2, 30, model.vocab.size, generator=generator, dtype=torch.float64)
     grads = []
-    for forward in (model, lambda t: mask_routed_forward(model, t)):
+    for forward in (lambda t: model(ModelInputs(t)).logits, lambda t: mask_routed_forward(model, t)):
         model.zero_grad(set_to_none=True)
         logits = forward(tokens)
         (logits * weights).sum().backward()
@@ -190,7 +190,7 @@ def test_pattention_flops_match_flop_counter(name, kernels, generator):
     layout = random_layout(batch, seq_len, [0, 1, 2], 12, generator)
     tokens = tokens_for_layout(layout, model.vocab, generator)
     with flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
-        model(tokens).float().square().mean().backward()
+        model(ModelInputs(tokens)).logits.float().square().mean().backward()
     report = size_report(cfg, seq_len, attention="full")
     predicted = sum(int((layout == m).sum()) * report.flops_forward_backward[mod.name]
                     for m, mod in enumerate(cfg.modalities))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer, routing
+from mot.model import ModelInputs, MoTTransformer, routing
 from mot.model.kernels import Kernels
 from mot.model.reference import mask_routed_forward
 from tests.conftest import randomize_norms, tiny_config
@@ -17,6 +17,10 @@ LAYOUTS = {
     "text only": [0],
     "image only": [1],
 }
+
+
+def _logits_of(model):
+    return lambda tokens: model(ModelInputs(tokens)).logits
 
 
 def _logits_and_grads(model, forward, tokens):
@@ -30,7 +34,7 @@ def _logits_and_grads(model, forward, tokens):
 
 def assert_matches_mask_reference(model, tokens):
     """Logits and every gradient of the sorted routing against the float64 mask-routed oracle."""
-    ours, our_grads = _logits_and_grads(model, model, tokens)
+    ours, our_grads = _logits_and_grads(model, _logits_of(model), tokens)
     ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     for name in ref_grads:
@@ -80,9 +84,9 @@ def test_grouped_mm_path_equals_split_path(layout_name, generator):
     model = MoTTransformer(tiny_config(kernels="split"))
     randomize_norms(model, generator)
     tokens = tokens_for_layout(random_layout(2, 48, LAYOUTS[layout_name], 11, generator), model.vocab, generator)
-    split, split_grads = _logits_and_grads(model, model, tokens)
+    split, split_grads = _logits_and_grads(model, _logits_of(model), tokens)
     model.kernels = Kernels("grouped")
-    grouped, grouped_grads = _logits_and_grads(model, model, tokens)
+    grouped, grouped_grads = _logits_and_grads(model, _logits_of(model), tokens)
     torch.testing.assert_close(grouped, split, rtol=1e-5, atol=1e-6)
     for name in split_grads:
         torch.testing.assert_close(grouped_grads[name], split_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mot.data import icons, scenes
 from mot.data.documents import AudioSegment, ImageSegment, TextSegment
-from mot.data.synthetic_docs import write_shards
+from mot.data.synthetic_docs import write_scenes, write_shards
 from mot.data.tar_source import TarDocuments
 
 # The caption vocabulary (what words mean), not the drawing code.
@@ -282,4 +282,4 @@ def test_scene_shards_are_deterministic_and_read_back_as_documents(tmp_path):
 
 def test_write_scenes_refuses_an_icon_folder_without_icons(tmp_path):
     with pytest.raises(FileNotFoundError, match="no usable PNG icons"):
-        scenes.write_scenes(tmp_path / "out", samples=2, icon_dir=tmp_path)
+        write_scenes(tmp_path / "out", samples=2, icon_dir=tmp_path)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.train.sharding import keep_gathered
 from tests.conftest import randomize_norms, tiny_config
 
@@ -31,7 +31,7 @@ def _model() -> MoTTransformer:
 
 def _loss(model: MoTTransformer, tokens: torch.Tensor, processes: int) -> torch.Tensor:
     """The trainer's normalisation: each process divides by its step's predictions; FSDP averages over them."""
-    logits = model(tokens)
+    logits = model(ModelInputs(tokens)).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
                                              reduction="sum") / (processes * ACCUM * BATCH * (SEQ - 1))
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from mot import runs
 from mot.config import TrainConfig, config_from_dict, config_to_dict
+from mot.model import ModelInputs
 from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import read_log
@@ -108,7 +109,8 @@ def test_weighted_loss_equals_a_per_token_loop(shards, tmp_path):
     batch = next(trainer.state.train_batches)
     with torch.no_grad():
         loss_sum, count = micro_batch_losses(trainer.state, batch)
-        logits = trainer.state.model(batch.tokens, batch.modality, batch.positions, batch.attn_mask()).double()
+        inputs = ModelInputs(batch.tokens, batch.modality, batch.positions, batch.attn_mask())
+        logits = trainer.state.model(inputs).logits.double()
     expected_sum, expected_count, total = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0.0
     for b in range(batch.tokens.shape[0]):
         for t in range(batch.tokens.shape[1] - 1):
@@ -213,7 +215,7 @@ def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp
     tokens = torch.randint(0, 80, (2, 16), generator=torch.Generator().manual_seed(0))
     weights = load_file(result.checkpoint / "model.safetensors")
     assert torch.equal(model.state_dict()["embed.weight"], weights["embed.weight"])
-    assert model(tokens).shape == (2, 16, UnifiedVocab(tiny_config()).size)
+    assert model(ModelInputs(tokens)).logits.shape == (2, 16, UnifiedVocab(tiny_config()).size)
 
 
 def test_existing_run_needs_resume_or_overwrite_and_resume_needs_the_same_model(shards, tmp_path):

@@ -15,7 +15,7 @@ from mot.data.documents import Document, ImageSegment, TextSegment
 from mot.data.loader import PackedBatch
 from mot.data.prepare import prepare
 from mot.generate.diffusion import sample_span_reference
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.objectives.latents import LatentBatcher, LatentCodec, load_codecs
 from mot.tokenize.image import ImageTokenizer, VQGANConfig
 from mot.train.trainer import Trainer
@@ -173,15 +173,15 @@ def test_model_reads_latents_through_the_image_tower(generator):
     tokens = torch.tensor([[vocab.special_id("<bod>"), 1, 2, vocab.special_id("<boi>"), *[40] * 16]])
     x = torch.randn(16, 4, generator=generator)
     t = torch.full((16,), 0.5)
-    logits, pred = model(tokens, latents={1: x}, timesteps={1: t})
+    logits, pred = model(ModelInputs(tokens, latents={1: x}, timesteps={1: t}))
     assert logits.shape == (1, 20, vocab.size) and pred[1].shape == (16, 4)
     # The prediction is the output projection of the hidden state at the latent positions.
-    hidden = model.hidden_states(tokens, None, None, None, {1: x}, {1: t})
+    hidden = model.hidden_states(ModelInputs(tokens, latents={1: x}, timesteps={1: t}))
     torch.testing.assert_close(pred[1], model.latent_io["image"].out(hidden[0, 4:]))
     # The input is the latents, not the placeholder's embedding: other latents, other outputs.
-    _, pred2 = model(tokens, latents={1: x + 1}, timesteps={1: t})
+    pred2 = model(ModelInputs(tokens, latents={1: x + 1}, timesteps={1: t})).latent_predictions
     assert not torch.allclose(pred[1], pred2[1])
-    _, pred3 = model(tokens, latents={1: x}, timesteps={1: t * 0.5})  # and the time enters too
+    pred3 = model(ModelInputs(tokens, latents={1: x}, timesteps={1: t * 0.5})).latent_predictions  # the time enters too
     assert not torch.allclose(pred[1], pred3[1])
 
 

@@ -1,7 +1,7 @@
 """Richer captioned scenes for the scaling study (issue 19): several objects with sizes, textures, counts and
 relations, drawn at 64 px so the demo VQGAN applies, with captions whose every fact is true of the image.
 
-    write_scenes("data/scenes", samples=2_000_000, workers=16, icon_dir="icons/usr/share/icons/oxygen/base")
+    synthetic_docs.write_scenes("data/scenes", samples=2_000_000, workers=16, icon_dir="icons/usr/share/icons/oxygen/base")
     # = synthetic_docs.write_shards("scenes", ...): tars of KEY.png, KEY.txt and, for some samples, KEY.wav
 
 A scene holds 1 to 4 objects in at most 4 groups; a group is 1 to 3 (4 when alone) identical objects:
@@ -23,7 +23,7 @@ in all"), the background, and filler sentences without colour, shape, size or nu
 
 With `icon_dir` (an unpacked icon theme, see mot.data.icons), a fraction `icon_fraction` of samples are icons
 on a background instead. A fraction `audio_fraction` of samples carry speech-like audio about as long as
-their caption spoken (synthetic_docs.speech_like; those captions get filler only to `speech_max_words`);
+their caption spoken (synthetic_audio.speech_like; those captions get filler only to `speech_max_words`);
 `speech="espeak"` speaks the caption with espeak-ng instead (needs espeak-ng and torchaudio).
 """
 
@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import io
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from mot.data import icons as icon_theme
-from mot.data.synthetic_docs import speech_like, wav_bytes, write_shards
+from mot.data.synthetic_audio import speech_like, wav_bytes
 
 IMAGE_SIZE = 64
 GAP = 2  # pixels between any two objects' boxes
@@ -361,19 +360,3 @@ def sample_members(rng: np.random.Generator, task: dict[str, Any]) -> tuple[dict
     if with_audio:
         members["wav"], seconds = speech(rng, caption, task.get("speech", "synthetic"))
     return members, seconds
-
-
-def write_scenes(out_dir: str | Path, samples: int, per_tar: int = 5000, workers: int = 1, seed: int = 0,
-                 icon_dir: str | Path | None = None, icon_fraction: float = 0.2, audio_fraction: float = 0.25,
-                 speech_engine: str = "synthetic", speech_max_words: int = 24,
-                 progress: Any = None) -> list[dict[str, Any]]:
-    """Write the scaling corpus as `scenes-NNNNN.tar` under out_dir (see the module docstring); one dict per
-    tar as synthetic_docs.write_shards returns. Measured per sample: a scene PNG ~330 bytes, an icon PNG
-    ~3 kB, a caption ~230 bytes, audio ~290 kB (~9 s at 32 kB/s); docs/results/scaling/README.md has more."""
-    options: dict[str, Any] = {"audio_fraction": audio_fraction, "speech": speech_engine,
-                               "speech_max_words": speech_max_words}
-    if icon_dir:
-        if not icon_theme.find_icons(icon_dir):
-            raise FileNotFoundError(f"{icon_dir}: no usable PNG icons (see mot.data.icons)")
-        options |= {"icon_dir": str(icon_dir), "icon_fraction": icon_fraction}
-    return write_shards("scenes", out_dir, samples, per_tar, workers, seed, progress, **options)

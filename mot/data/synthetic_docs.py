@@ -25,15 +25,17 @@ import json
 import multiprocessing
 import tarfile
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mot.data.icons import find_icons
+from mot.data.scenes import sample_members
+from mot.data.synthetic_audio import speech_like, wav_bytes
+
 KINDS = ("demo", "chameleon", "scenes")  # append only: a kind's index seeds its samples
-SAMPLE_RATE = 16_000
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
            "purple": (140, 40, 180), "orange": (250, 130, 20)}
 BACKGROUNDS = {"white": (248, 248, 248), "grey": (230, 230, 230), "cream": (248, 240, 220)}
@@ -97,33 +99,6 @@ def demo_image(rng: np.random.Generator, size: int = 64) -> tuple[bytes, str]:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue(), demo_caption(rng, scene, background)
-
-
-def speech_like(rng: np.random.Generator, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """int16 mono: 8 harmonics of a pitch that wanders around 100-220 Hz, syllables at 3-6 Hz, breath noise."""
-    n = int(seconds * sample_rate)
-    t = np.arange(n, dtype=np.float64) / sample_rate
-    f0 = rng.uniform(100, 220) * (1 + 0.12 * np.sin(2 * np.pi * rng.uniform(0.3, 1.5) * t + rng.uniform(0, 6.3)))
-    f0 *= np.exp(np.cumsum(rng.normal(0, 2e-4, n)))  # slow random drift
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    gains = rng.uniform(0.3, 1.0, 8) / np.arange(1, 9)
-    voiced = sum(g * np.sin((k + 1) * phase) for k, g in enumerate(gains))
-    syllables = np.abs(np.sin(np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 3.1))) ** 0.7
-    envelope = syllables * np.clip(np.minimum(t, seconds - t) * 20, 0, 1)  # 50 ms fades
-    wave_ = voiced * envelope + rng.normal(0, 0.03, n) * (1 - 0.7 * syllables)
-    wave_ *= 0.8 / max(1e-6, np.abs(wave_).max())
-    return (wave_ * 32767).astype(np.int16)
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A 16-bit mono WAV file (stdlib `wave`: no soundfile needed)."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- chameleon-size samples
@@ -196,7 +171,6 @@ def write_tar(task: dict[str, Any]) -> dict[str, Any]:
                     counts["audio"] += 1
                     counts["audio_seconds"] += seconds
             elif kind == "scenes":
-                from mot.data.scenes import sample_members  # here: scenes imports this module
 
                 members, seconds = sample_members(rng, task)
                 for ext, data in members.items():
@@ -243,3 +217,19 @@ def write_shards(kind: str, out_dir: str | Path, samples: int, per_tar: int = 10
                 if progress:
                     progress(len(results), len(tasks))
     return sorted(results, key=lambda r: r["path"])
+
+
+def write_scenes(out_dir: str | Path, samples: int, per_tar: int = 5000, workers: int = 1, seed: int = 0,
+                 icon_dir: str | Path | None = None, icon_fraction: float = 0.2, audio_fraction: float = 0.25,
+                 speech_engine: str = "synthetic", speech_max_words: int = 24,
+                 progress: Any = None) -> list[dict[str, Any]]:
+    """Write the scaling corpus as `scenes-NNNNN.tar` under out_dir (see the module docstring); one dict per
+    tar as synthetic_docs.write_shards returns. Measured per sample: a scene PNG ~330 bytes, an icon PNG
+    ~3 kB, a caption ~230 bytes, audio ~290 kB (~9 s at 32 kB/s); docs/results/scaling/README.md has more."""
+    options: dict[str, Any] = {"audio_fraction": audio_fraction, "speech": speech_engine,
+                               "speech_max_words": speech_max_words}
+    if icon_dir:
+        if not find_icons(icon_dir):
+            raise FileNotFoundError(f"{icon_dir}: no usable PNG icons (see mot.data.icons)")
+        options |= {"icon_dir": str(icon_dir), "icon_fraction": icon_fraction}
+    return write_shards("scenes", out_dir, samples, per_tar, workers, seed, progress, **options)

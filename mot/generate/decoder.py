@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mot.model.io import ModelInputs
 from mot.model.kv_cache import KVCache
 from mot.model.transformer import MoTTransformer
 
@@ -53,20 +54,18 @@ class CachedDecoder:
         timesteps = None
         if latents:
             timesteps = {m: torch.zeros(z.shape[0], device=self.device) for m, z in latents.items()}
-        logits = self.model.forward_cached(tokens, self.modality_table[tokens], positions, self.cache, visible,
-                                           last_only=True, latents=latents or None, timesteps=timesteps,
-                                           span_ids=span_ids)
-        if latents:
-            logits = logits[0]
-        return logits[:, -1].float()
+        inputs = ModelInputs(tokens, self.modality_table[tokens], positions, latents=latents or None,
+                             timesteps=timesteps)
+        out = self.model.forward_cached(inputs, self.cache, visible=visible, last_only=True, span_ids=span_ids)
+        return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """(rows,) one token per row -> float32 logits (rows, V) of the next one."""
         tokens, positions, visible = tokens[:, None], positions[:, None], visible[:, None]
         modality = self.modality_table[tokens]
         if not self.compiled:  # eager: attend over the filled slots only
-            logits = self.model.forward_cached(tokens, modality, positions, self.cache, visible)
-            return logits[:, -1].float()
+            out = self.model.forward_cached(ModelInputs(tokens, modality, positions), self.cache, visible=visible)
+            return out.logits[:, -1].float()
         if self.cache.length >= self.cache.max_len:
             raise ValueError(f"KV cache full: {self.cache.max_len} slots")
         slot = torch.tensor(self.cache.length, device=self.device)
@@ -86,7 +85,7 @@ class CachedDecoder:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One pass of a diffusion block (rows, n), bidirectional inside it -> (float32 logits (rows, V) after
         its last slot, latent predictions). advance=False: the next pass rewrites the same slots."""
-        logits, predictions = self.model.forward_cached(
-            tokens, self.modality_table[tokens], positions, self.cache, visible, last_only=True, latents=latents,
-            timesteps=timesteps, advance=advance, span_ids=torch.zeros_like(tokens))  # the block: one span per row
-        return logits[:, -1].float(), predictions
+        inputs = ModelInputs(tokens, self.modality_table[tokens], positions, latents=latents, timesteps=timesteps)
+        out = self.model.forward_cached(inputs, self.cache, visible=visible, last_only=True, advance=advance,
+                                        span_ids=torch.zeros_like(tokens))  # the block: one span per row
+        return out.logits[:, -1].float(), out.latent_predictions

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mot.generate.decoder import CachedDecoder
+from mot.model.io import ModelInputs
 from mot.model.masks import mixed_mask
 from mot.model.transformer import MoTTransformer
 from mot.objectives.diffusion import Schedule, denoise_step, sample, sampling_times
@@ -69,8 +70,8 @@ def sample_span_reference(
         span[0, len(ids):] = 0
         mask = mixed_mask(torch.zeros_like(tokens), span)
         times = torch.full((n,), t, device=device)
-        _, prediction = model(tokens, None, None, mask, {modality: x.to(device)}, {modality: times})
-        return prediction[modality].float()
+        inputs = ModelInputs(tokens, attn_mask=mask, latents={modality: x.to(device)}, timesteps={modality: times})
+        return model(inputs).latent_predictions[modality].float()
 
     def predict(x: torch.Tensor, t: float) -> torch.Tensor:
         outs = [run(ids, x, t) for ids in streams]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from mot.config import ModelConfig
 from mot.model.block import AttentionInputs, MoTBlock
+from mot.model.io import ModelInputs, ModelOutput
 from mot.model.kernels import Kernels
 from mot.model.kv_cache import KVCache, LayerWrite
 from mot.model.latent_io import LatentProjection
@@ -25,6 +27,9 @@ from mot.vocab import UnifiedVocab
 
 class MoTTransformer(nn.Module):
     """The MoT model of a `ModelConfig` (dense: nothing untied).
+
+    `model(ModelInputs(tokens, ...))` gives a `ModelOutput` (mot/model/io.py); generation runs the same inputs over
+    a KV cache (`forward_cached`, and the fixed-shape `decode_step` that compiles to CUDA graphs).
 
     `kernels`: how its tower projections run (mot/model/kernels.py), from `cfg.kernels`. Set another to run the
     same weights on other kernels (tests and benchmarks compare them): every choice computes the same function.
@@ -79,34 +84,18 @@ class MoTTransformer(nn.Module):
         route = route_tokens(modality, self.cfg.n_modalities, permute=not self.cfg.is_dense, host_counts=tower_counts)
         return route.with_kernels(self.kernels)
 
-    def hidden_states(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        latents: dict[int, torch.Tensor] | None = None,
-        timesteps: dict[int, torch.Tensor] | None = None,
-        tower_counts: Sequence[int] | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, D) final-normed hidden states.
-
-        modality: (B, T) tower index per token; default from the id ranges.
-        positions: (B, T) rotary positions (restart per packed document); default 0..T-1.
-        attn_mask: boolean (B, 1, T, T), True = may attend; default causal.
-        latents, timesteps: per diffusion modality m, the noised latent tokens (N_m, token_dim) and their
-        times (N_m,) of the N_m positions where modality == m, in row-major order (see `embed_inputs`).
-        tower_counts: the M tokens per modality, counted on the host (`PackedBatch.counted`; a tuple of ints,
-        which DDP and FSDP leave on the host): on CUDA the blocks then run one cuBLAS GEMM per tower instead of
-        a grouped matmul.
-        """
+    def hidden_states(self, inputs: ModelInputs) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) final-normed hidden states (the fields: see `ModelInputs`)."""
+        tokens = inputs.tokens
         batch, seq_len = tokens.shape
-        if modality is None:
-            modality = self.vocab.modality_of(tokens)
-        route = self.route(modality, tower_counts)
-        x = self.embed_inputs(tokens, modality, route, latents, timesteps)
-        x = self.run_blocks(x, route, batch, seq_len, positions, attn_mask)
+        modality = self._modality(inputs)
+        route = self.route(modality, inputs.tower_counts)
+        x = self.embed_inputs(tokens, modality, route, inputs.latents, inputs.timesteps)
+        x = self.run_blocks(x, route, batch, seq_len, inputs.positions, inputs.attn_mask)
         return route.unsort(x).view(batch, seq_len, -1)
+
+    def _modality(self, inputs: ModelInputs) -> torch.Tensor:
+        return self.vocab.modality_of(inputs.tokens) if inputs.modality is None else inputs.modality
 
     def embed_inputs(
         self,
@@ -131,10 +120,12 @@ class MoTTransformer(nn.Module):
         return route.sort(x)
 
     def predict_latents(
-        self, hidden: torch.Tensor, modality: torch.Tensor, which: dict[int, torch.Tensor]
+        self, hidden: torch.Tensor, modality: torch.Tensor, which: dict[int, torch.Tensor] | None
     ) -> dict[int, torch.Tensor]:
         """Per diffusion modality in `which`, the output projection of the hidden states (B, T, D) at its
-        positions, in row-major order: (N_m, token_dim)."""
+        positions, in row-major order: (N_m, token_dim). None: empty."""
+        if not which:
+            return {}
         flat, flat_modality = hidden.reshape(-1, hidden.shape[-1]), modality.reshape(-1)
         return {m: self.latent_io[self.diffusion_modalities[m]].predict(flat[flat_modality == m]) for m in which}
 
@@ -154,61 +145,46 @@ class MoTTransformer(nn.Module):
             x = block(x, route, inputs)
         return self.final_norm(x, route)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        latents: dict[int, torch.Tensor] | None = None,
-        timesteps: dict[int, torch.Tensor] | None = None,
-        tower_counts: Sequence[int] | torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(B, T) token ids -> (B, T, V) logits over the unified vocabulary.
-
-        With `latents` (diffusion modalities, see `hidden_states`): (logits, predictions), the predictions
-        per modality (N_m, token_dim) in the order of its latents. tower_counts: see `hidden_states`.
-        """
-        if modality is None:
-            modality = self.vocab.modality_of(tokens)
-        hidden = self.hidden_states(tokens, modality, positions, attn_mask, latents, timesteps, tower_counts)
-        logits = self.head(hidden)
-        if latents is None:
-            return logits
-        return logits, self.predict_latents(hidden, modality, latents)
+    def forward(self, inputs: ModelInputs) -> ModelOutput:
+        """Logits (B, T, V) over the unified vocabulary, and the latent predictions of the inputs' latents."""
+        if not isinstance(inputs, ModelInputs):
+            raise TypeError(f"MoTTransformer takes a ModelInputs, got {type(inputs).__name__}")
+        modality = self._modality(inputs)
+        hidden = self.hidden_states(replace(inputs, modality=modality))
+        return ModelOutput(self.head(hidden), self.predict_latents(hidden, modality, inputs.latents))
 
     # ------------------------------------------------------------ incremental decoding (mot.generate)
 
     def forward_cached(
         self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor | None,
-        positions: torch.Tensor | None,
+        inputs: ModelInputs,
         cache: KVCache,
+        *,
         visible: torch.Tensor | None = None,
         last_only: bool = False,
-        latents: dict[int, torch.Tensor] | None = None,
-        timesteps: dict[int, torch.Tensor] | None = None,
         advance: bool = True,
         span_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits (B, t, V) of t new tokens (B, t) that attend over the cache and themselves.
+    ) -> ModelOutput:
+        """The output of t new tokens (B, t) that attend over the cache and themselves.
 
         Their keys/values go to cache slots [cache.length, cache.length + t); the length advances.
-        positions: (B, t) rotary positions, default the slots. visible: (B, t) bool, whether later tokens
-        may attend to each new one (default all). last_only: logits of the last token only, (B, 1, V).
-        latents, timesteps: as in `forward` (then returns (logits, predictions)). advance=False: the length
+        inputs.positions: default the slots. visible: (B, t) bool, whether later tokens may attend to each
+        new one (default all). last_only: logits of the last token only, (B, 1, V). advance=False: the length
         stays, so the next call overwrites these slots (one denoising step of a span). span_ids: (B, t), -1
         outside a span, k >= 0 inside span k: bidirectional inside each span, causal elsewhere (image spans
         under diffusion: a prefill holding clean images, or a block being denoised; see `KVCache.append`).
         """
+        if inputs.attn_mask is not None or inputs.tower_counts is not None:
+            raise ValueError("the cached path makes its own mask and routes without host counts")
+        tokens = inputs.tokens
         batch, t = tokens.shape
+        positions = inputs.positions
         if positions is None:
             positions = (cache.length + torch.arange(t, device=tokens.device)).expand(batch, t)
         if visible is None:
             visible = torch.ones(batch, t, dtype=torch.bool, device=tokens.device)
         writes, mask = cache.append(visible, advance=advance, span_ids=span_ids)
-        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only, latents, timesteps)
+        return self._output_with_cache(replace(inputs, positions=positions), writes, mask, last_only)
 
     def decode_step(
         self,
@@ -222,35 +198,27 @@ class MoTTransformer(nn.Module):
         """One token per row (B, 1) written at `slot` (a long tensor) -> logits (B, 1, V).
 
         Every shape is fixed by the cache, so this compiles once (CUDA graphs) for a whole generation;
-        cache.length is left to the caller.
+        cache.length is left to the caller. Plain tensors in and the logits alone out (a step has no latents),
+        so the compiled graph's inputs and output are tensors.
         """
         writes, mask = cache.at_slot(slot, visible)
-        return self._logits_with_cache(tokens, modality, positions, writes, mask, last_only=False)
+        inputs = ModelInputs(tokens, modality, positions)
+        return self._output_with_cache(inputs, writes, mask, last_only=False).logits
 
-    def _logits_with_cache(
-        self,
-        tokens: torch.Tensor,
-        modality: torch.Tensor | None,
-        positions: torch.Tensor,
-        writes: list[LayerWrite],
-        mask: torch.Tensor,
-        last_only: bool,
-        latents: dict[int, torch.Tensor] | None = None,
-        timesteps: dict[int, torch.Tensor] | None = None,
-    ):
+    def _output_with_cache(
+        self, inputs: ModelInputs, writes: list[LayerWrite], mask: torch.Tensor, last_only: bool
+    ) -> ModelOutput:
+        tokens = inputs.tokens
         batch, t = tokens.shape
-        if modality is None:
-            modality = self.vocab.modality_of(tokens)
+        modality = self._modality(inputs)
         route = self.route(modality)  # routing works on any rows: here only the new tokens
-        x = self.embed_inputs(tokens, modality, route, latents, timesteps)
-        cos, sin = self.rope(t, positions)
+        x = self.embed_inputs(tokens, modality, route, inputs.latents, inputs.timesteps)
+        cos, sin = self.rope(t, inputs.positions)
         for block, write in zip(self.blocks, writes, strict=True):
             x = block(x, route, AttentionInputs(batch, t, cos, sin, mask, write))
         hidden = route.unsort(self.final_norm(x, route)).view(batch, t, -1)
         logits = self.head(hidden[:, -1:] if last_only else hidden)
-        if latents is None:
-            return logits
-        return logits, self.predict_latents(hidden, modality, latents)
+        return ModelOutput(logits, self.predict_latents(hidden, modality, inputs.latents))
 
     def tower_parameters(self, tower: int) -> dict[str, torch.Tensor]:
         """The slices of every untied parameter that belong to one tower (for inspection and tests)."""

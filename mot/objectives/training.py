@@ -24,6 +24,7 @@ import torch
 from mot.config import ModelConfig
 from mot.data.loader import PackedBatch
 from mot.flops import attention_pairs
+from mot.model.io import ModelInputs
 from mot.model.masks import document_block_mask, mixed_block_mask
 from mot.objectives.ar import next_token_loss
 from mot.objectives.diffusion import add_noise, diffusion_loss
@@ -57,7 +58,8 @@ class NextToken:
 
     def losses(self, model, batch: PackedBatch, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-modality loss sums and prediction counts of one micro-batch."""
-        logits = model(batch.tokens, batch.modality, batch.positions, mask, tower_counts=batch.tower_counts)
+        inputs = ModelInputs(batch.tokens, batch.modality, batch.positions, mask, tower_counts=batch.tower_counts)
+        logits = model(inputs).logits
         _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, self.n_modalities)
         return loss_sum, count
 
@@ -102,11 +104,11 @@ class Transfusion(NextToken):
             noised[m] = add_noise(x0, t, noise[m], self.diffusion[m].schedule).flatten(0, 1)
             times[m] = t.repeat_interleave(x0.shape[1])
             clean[m], noise[m] = x0.flatten(0, 1), noise[m].flatten(0, 1)
-        logits, predictions = model(batch.tokens, batch.modality, batch.positions, mask, noised, times,
-                                    batch.tower_counts)
+        out = model(ModelInputs(batch.tokens, batch.modality, batch.positions, mask, noised, times, batch.tower_counts))
+        logits = out.logits
         _, loss_sum, count = self.loss_fn(logits, batch.tokens, batch.modality, self.n_modalities, batch.target_mask)
         extra_sum, extra_count = torch.zeros_like(loss_sum), torch.zeros_like(count)
-        for m, prediction in predictions.items():
+        for m, prediction in out.latent_predictions.items():
             s, c = diffusion_loss(prediction, clean[m], noise[m], self.diffusion[m].schedule)
             extra_sum[m], extra_count[m] = s, c
         return loss_sum + extra_sum, count + extra_count

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from mot.data.synthetic import layout_from_spans, tokens_for_layout
-from mot.model import MoTTransformer
+from mot.model import ModelInputs, MoTTransformer
 from mot.model.masks import document_block_mask, flex, mixed_block_mask, mixed_mask
 from tests.conftest import tiny_config
 
@@ -152,7 +152,7 @@ def test_model_with_block_mask_equals_model_with_boolean_mask(kv_heads):
     results = []
     for mask in (document_block_mask(documents), causal_document_mask(documents)):
         copy_ = copy.deepcopy(model)
-        logits = copy_(tokens, positions=positions, attn_mask=mask)
+        logits = copy_(ModelInputs(tokens, positions=positions, attn_mask=mask)).logits
         logits.float().square().mean().backward()
         results.append((logits.float(), {n: p.grad.float() for n, p in copy_.named_parameters()}))
     (flex_logits, flex_grads), (sdpa_logits, sdpa_grads) = results

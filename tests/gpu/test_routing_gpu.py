@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from mot.data.synthetic import random_layout, tokens_for_layout
-from mot.model import MoTTransformer, routing
+from mot.model import ModelInputs, MoTTransformer, routing
 from mot.model import kernels as model_kernels
 from mot.model.kernels import Kernels
 from mot.model.reference import mask_routed_forward
@@ -112,7 +112,7 @@ def ours(model: MoTTransformer, token_batches: list[torch.Tensor], counted: bool
         tokens = tokens.to(DEVICE)
         context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
         with context:
-            out = model(tokens, tower_counts=host_counts(model, tokens) if counted else None)
+            out = model(ModelInputs(tokens, tower_counts=host_counts(model, tokens) if counted else None)).logits
         (out.double() * loss_weights(out.shape).to(DEVICE)).sum().backward()
         logits.append(out.detach().double().cpu())
     return logits
