@@ -1,7 +1,8 @@
 """Richer captioned scenes for the scaling study (issue 19): several objects with sizes, textures, counts and
 relations, drawn at 64 px so the demo VQGAN applies, with captions whose every fact is true of the image.
 
-    synthetic_docs.write_scenes("data/scenes", samples=2_000_000, workers=16, icon_dir="icons/usr/share/icons/oxygen/base")
+    synthetic_docs.write_scenes("data/scenes", samples=2_000_000, workers=16,
+                                icon_dir="icons/usr/share/icons/oxygen/base")
     # = synthetic_docs.write_shards("scenes", ...): tars of KEY.png, KEY.txt and, for some samples, KEY.wav
 
 A scene holds 1 to 4 objects in at most 4 groups; a group is 1 to 3 (4 when alone) identical objects:
