@@ -41,7 +41,9 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mot.config import ModalityConfig, ModelConfig, TrainConfig  # noqa: E402
+from step import recipe  # noqa: E402  (bench/step.py: the same ~1B recipe)
+
+from mot.config import ModelConfig, TrainConfig  # noqa: E402
 from mot.data.loader import count_towers, document_causal_mask  # noqa: E402
 from mot.data.synthetic import bench_layout, random_layout, tokens_for_layout  # noqa: E402
 from mot.flops import (  # noqa: E402
@@ -57,18 +59,6 @@ from mot.objectives.ar import next_token_loss  # noqa: E402
 from mot.train.optim import build_optimizer, clip_gradients  # noqa: E402
 from mot.train.sharding import keep_gathered  # noqa: E402
 from mot.train.state import peak_flops  # noqa: E402
-
-
-def recipe(args) -> ModelConfig:
-    if args.smoke:
-        mods = [ModalityConfig("text", 96, token_fraction=0.2), ModalityConfig("image", 64, token_fraction=0.62),
-                ModalityConfig("speech", 32, token_fraction=0.18)]
-        return ModelConfig(dim=64, n_layers=2, n_heads=4, modalities=mods, max_seq_len=args.seq_len)
-    # Chameleon's vocabulary: 65,536 ids with 8,192 image codes; 500 speech units.
-    mods = [ModalityConfig("text", 65536 - 8192 - 500 - 64, token_fraction=0.2),
-            ModalityConfig("image", 8192, token_fraction=0.62), ModalityConfig("speech", 500, token_fraction=0.18)]
-    return ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, modalities=mods,
-                       max_seq_len=args.seq_len)
 
 
 def make_batch(model: MoTTransformer, layout: torch.Tensor, device, seed: int, doc_len: tuple[int, int]):

@@ -49,3 +49,14 @@ def fresh_accelerator_state():
     reset_accelerator()
     yield
     reset_accelerator()
+
+
+class Counter:
+    """Wraps a function and counts its calls (which kernel ran, in the routing tests)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)

@@ -13,18 +13,10 @@ from mot.data.synthetic import random_layout, tokens_for_layout
 from mot.model import ModelInputs, MoTTransformer, routing
 from mot.model import kernels as model_kernels
 from mot.model.kernels import AUTO, Kernels
-from tests.conftest import randomize_norms, tiny_config
+from tests.conftest import Counter, randomize_norms, tiny_config
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 
-
-class Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ TEXT_RUN = (16, 400)  # a text segment's length is uniform in this range
 SPEECH_RUN = (100, 700)  # speech units per segment, uniform
 
 
-def _segment(kind: str, rng: np.random.Generator, vocab: UnifiedVocab, image_tokens: int) -> np.ndarray:
-    ids = special_ids(vocab_layout(vocab))
+def _segment(kind: str, rng: np.random.Generator, vocab: UnifiedVocab, ids: dict[str, int],
+             image_tokens: int) -> np.ndarray:
     if kind == "text":
         r = vocab["text"]
         return r.start + rng.integers(0, r.size, rng.integers(*TEXT_RUN, endpoint=True))
@@ -49,7 +49,7 @@ def random_document(rng: np.random.Generator, vocab: UnifiedVocab, length: int, 
         total = sum(written.values()) + 1
         shortfall = np.array([max(fractions[k] * total - written[k], 0.0) for k in kinds]) + 1e-9
         kind = kinds[rng.choice(len(kinds), p=shortfall / shortfall.sum())]
-        parts.append(_segment(kind, rng, vocab, image_tokens)[: length - 1 - filled])
+        parts.append(_segment(kind, rng, vocab, ids, image_tokens)[: length - 1 - filled])
         filled += len(parts[-1])
         written[kind] += len(parts[-1])
     parts.append(np.array([ids["<eod>"]]))

@@ -31,7 +31,7 @@ from mot.model.kernels import Kernels
 from mot.model.reference import mask_routed_forward
 from mot.train.master_weights import MasterWeightAdamW
 from mot.train.optim import parameter_groups
-from tests.conftest import randomize_norms, tiny_config
+from tests.conftest import Counter, randomize_norms, tiny_config
 
 DEVICE = torch.device("cuda")
 # Relative Frobenius error against the float64 oracle. bf16: the worst tensor (a q/k-norm gain's gradient) was
@@ -48,16 +48,6 @@ def exact_fp32_matmuls():
     yield
     torch.backends.cuda.matmul.fp32_precision = before
 
-
-class Counter:
-    """Wraps a function and counts its calls."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
 
 
 @pytest.fixture
