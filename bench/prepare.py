@@ -64,7 +64,7 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mot.config import ModalityConfig, ModelConfig, load_config  # noqa: E402
-from mot.data import pipeline  # noqa: E402
+from mot.data import pipeline_worker  # noqa: E402
 from mot.data.batch_encode import (  # noqa: E402
     CPU_BATCH_PIXELS,
     CUDA_BATCH_PIXELS,
@@ -75,7 +75,7 @@ from mot.data.batch_encode import (  # noqa: E402
 from mot.data.documents import ImageSegment  # noqa: E402
 from mot.data.encode import vocab_layout  # noqa: E402
 from mot.data.media import decode_image  # noqa: E402
-from mot.data.pipeline import pieces_for  # noqa: E402
+from mot.data.pipeline_worker import pieces_for  # noqa: E402
 from mot.data.prepare import (
     default_workers,  # noqa: E402
     prepare,  # noqa: E402
@@ -238,7 +238,7 @@ def time_decode(docs: list, setup: dict, workers: int, args, limits: tuple[int, 
     ctx = torch.multiprocessing.get_context("spawn")
     start = time.perf_counter()
     docs_rate, images_rate, counts = [], [], {}
-    with ctx.Pool(workers, pipeline._init_worker,
+    with ctx.Pool(workers, pipeline_worker._init_worker,
                   (setup["loaders"], vocab_layout(setup["vocab"]), opts, False)) as pool:
         pool.map(_noop, range(workers), chunksize=1)  # every worker started and its tokenizers loaded
         startup = time.perf_counter() - start
@@ -265,7 +265,7 @@ def time_decode(docs: list, setup: dict, workers: int, args, limits: tuple[int, 
 
 def _decode_piece(item):
     index, documents = item
-    return pipeline._decode(index, documents)
+    return pipeline_worker._decode(index, documents)
 
 
 # ---------------------------------------------------------------- encoder alone
@@ -391,7 +391,7 @@ def bound(run: dict, case: dict, device: torch.device, workers: int) -> str:
                   "waiting for decode workers": p.get("wait_decode", 0.0) - startup,
                   "GPU encode (submit + wait)": p.get("encode_submit", 0.0) + p.get("encode_wait", 0.0),
                   "assembling + writing shards": p.get("write", 0.0)}
-        shares["the rest (reading tars, dispatching pieces, manifest)"] = max(0.0, seconds - sum(shares.values()))
+        shares["the rest (dispatching parts, scans, manifest)"] = max(0.0, seconds - sum(shares.values()))
         split = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in shares.items())
         alone = next((e for e in case.get("encoder", []) if e["channels_last"]
                       and (e["precision"], e["compile"]) == (run["precision"], run["compile"])), None)
@@ -406,7 +406,7 @@ def bound(run: dict, case: dict, device: torch.device, workers: int) -> str:
         elif run["compile"]:
             what.append("compiling the encoder (inside the first batch's encode time) and the main process")
         else:
-            what.append("the main process (one thread: tars, dispatch, encoder launches, assembling, writing)"
+            what.append("the main process (one thread: dispatch, encoder launches, assembling, writing)"
                         + (f"; decode pool alone {pool:.0f} docs/s" if pool else ""))
         busy = (f"; GPU busy ~{100 * gpu_s / seconds:.0f}% of the run, ~{100 * gpu_s / after:.0f}% after start-up "
                 f"(images / encoder-alone rate)" if gpu_s is not None else "")
@@ -414,9 +414,9 @@ def bound(run: dict, case: dict, device: torch.device, workers: int) -> str:
     if workers > 1:
         if decode and decode["pool_documents_per_s"]["median"] > 0:
             share = run["documents_per_s"] / decode["pool_documents_per_s"]["median"]
-            return (f"workers (each decodes, encodes and writes its chunks): decode ~{100 * share:.0f}% of their "
-                    f"time (pipeline / decode-only docs/s), encode + write the rest")
-        return "workers (each decodes, encodes and writes its chunks)"
+            return (f"workers (each reads, decodes and encodes its parts; shards written here): decode "
+                    f"~{100 * share:.0f}% of their time (pipeline / decode-only docs/s), reading and encoding the rest")
+        return "workers (each reads, decodes and encodes its parts; shards written here)"
     shares = {"decode": p.get("decode", 0.0), "encode (CPU)": p.get("encode", 0.0), "write": p.get("write", 0.0)}
     shares["other (reading tars, manifest)"] = max(0.0, seconds - sum(shares.values()))
     name, value = max(shares.items(), key=lambda kv: kv[1])

@@ -1,6 +1,6 @@
 """What `mot prepare`'s main process costs per document in CUDA mode, on any machine: the CUDA-mode loop
-(workers decode, this process dispatches, assembles and writes) with the media encoding replaced by zeros,
-so no GPU is needed and only the main process's own work is left. Profiled with cProfile.
+(workers read the tars and decode, this process encodes, assembles and writes) with the media encoding
+replaced by zeros, so no GPU is needed and only the main process's own work is left. Profiled with cProfile.
 
     python bench/prepare_main_process.py --samples 4000 --workers 2 [--log TAG]
     python bench/prepare_main_process.py --smoke    # 40 samples, seconds: checks the script
@@ -43,7 +43,7 @@ def profile_prepare(folder: Path, args: argparse.Namespace) -> str:
     """Prepare the samples written into `folder` under cProfile; the report."""
     write_shards("demo", folder / "tars", samples=args.samples, per_tar=1000, workers=args.workers,
                  audio_fraction=0.1)
-    pipeline.ChunkLoop.run = lambda self, work, finish: self._run_with_device(work, finish)
+    pipeline.ChunkLoop.encodes_here = lambda self: True  # CUDA mode's loop: this process encodes
     encode.MediaEncoder.submit = zeros_for_media
     cfg = load_config(ROOT / "recipes" / "demo.toml", [])
     profiler = cProfile.Profile()

@@ -233,3 +233,24 @@ def test_bad_requests_say_what_is_wrong(generator):
         generate(model, [[v.special_id("<bod>")]], _config(max_new_tokens=model.cfg.max_seq_len))
     with pytest.raises(ValueError, match="no image modality"):
         ModalityConstraints(MoTTransformer(tiny_config(modalities=tiny_config().modalities[:1])).vocab, 4)
+
+
+def test_cuda_graph_decoding_needs_a_gpu_and_excludes_compile(generator):
+    model = _model(generator, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA device"):
+        CachedDecoder(model, 2, 16, cuda_graph=True)
+    with pytest.raises(ValueError, match="not both"):
+        CachedDecoder(model, 2, 16, compile=True, cuda_graph=True)
+
+
+def test_session_decoding_modes_are_checked_before_any_work(generator):
+    from mot.generate.prompt import GenerationError
+    from mot.generate.session import Session
+
+    model = _model(generator, dtype=torch.float32)
+    assert Session(model, None, device="cpu").decoding == "eager"  # auto: CUDA graphs only on a GPU
+    for mode in ("graph", "compile"):
+        with pytest.raises(GenerationError, match=f"--decoding {mode} needs a CUDA device"):
+            Session(model, None, device="cpu", decoding=mode)
+    with pytest.raises(GenerationError, match="choose from"):
+        Session(model, None, device="cpu", decoding="fast")

@@ -188,3 +188,19 @@ def test_a_failure_of_process_0_before_the_work_reaches_the_other_process(corpus
     # Rank 1 raises at once with rank 0's message, instead of waiting in a collective until it is killed (-9).
     assert codes[0] == 1 and codes[1] == 1 and stats is None, (codes, logs)
     assert "process 0 failed: FileExistsError" in (tmp_path / "logs" / "rank1.err").read_text(), logs
+
+
+def test_two_processes_on_tar_shards_write_what_one_writes(tmp_path):
+    """Each process's workers scan every tar (document ids) and decode only the documents of its own chunks."""
+    from tests.test_sources import _tar_corpus
+
+    _tar_corpus(tmp_path / "tars")
+    marker = tmp_path / "marker"
+    marker.touch()
+    with pytest.warns(UserWarning, match="s/009"):
+        prepare_worker.run(str(tmp_path / "tars"), str(tmp_path / "one"), str(marker))
+    codes, stats = launch(tmp_path / "tars", tmp_path / "two", marker, tmp_path / "logs", workers=2)
+    assert codes == [0, 0], _logs(tmp_path / "logs")
+    assert (stats["processes"], stats["written_shards"], stats["skipped"]) == (
+        WORLD, 12, {"corrupt_audio": 2, "corrupt_image": 2, "missing_caption": 1})
+    assert_same_output(tmp_path / "two", tmp_path / "one")

@@ -122,3 +122,43 @@ def test_dense_model_never_permutes():
     route = model.route(torch.tensor([[2, 0, 1]]))
     assert route.order is None
     assert all(p.shape[0] == 1 for n, p in model.named_parameters() if "blocks" in n)
+
+
+ONE_TOWER_CONFIGS = {
+    "linear, rms q/k norms": dict(qk_norm=True),
+    "chameleon, per-head layernorm": dict(qk_norm=True, qk_norm_type="layernorm_per_head", norm_placement="chameleon"),
+    "pattention, unequal towers": dict(projection="pattention", param_tokens_per_modality=[8, 4, 6]),
+    "ffn untied only": dict(untie=["ffn"]),
+}
+
+
+@pytest.mark.parametrize("config_name", list(ONE_TOWER_CONFIGS))
+@pytest.mark.parametrize("modality", [1, 2])
+def test_host_counts_of_one_tower_skip_the_sort_and_equal_mask_reference(config_name, modality, generator):
+    """Host counts that put every token in one tower (a decoding step) give the identity route on that tower's
+    slices, ordinary layers: the same logits and gradients as the float64 mask-routed oracle."""
+    model = MoTTransformer(tiny_config(**ONE_TOWER_CONFIGS[config_name])).double()
+    randomize_norms(model, generator)
+    with torch.no_grad():  # every tower's parameters differ, so a wrong slice shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        for module in model.modules():
+            if hasattr(module, "zero_padding_"):
+                module.zero_padding_()
+    tokens = tokens_for_layout(random_layout(2, 17, [modality], 17, generator), model.vocab, generator)
+    counts = [0, 0, 0]
+    counts[modality] = tokens.numel()
+    route = model.route(model.vocab.modality_of(tokens), counts)
+    assert route.tower == modality and route.order is None
+    ours, our_grads = _logits_and_grads(model, lambda t: model(ModelInputs(t, tower_counts=counts)).logits, tokens)
+    ref, ref_grads = _logits_and_grads(model, lambda t: mask_routed_forward(model, t), tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_host_counts_across_towers_still_sort():
+    route = routing.route_tokens(torch.tensor([[1, 1, 0]]), 3, host_counts=(1, 2, 0))
+    assert route.tower is None and route.order.tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="do not match"):
+        routing.route_tokens(torch.tensor([[1, 1, 0]]), 3, host_counts=(0, 3, 0))

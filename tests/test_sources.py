@@ -185,6 +185,145 @@ def test_damaged_tars_keep_the_samples_before_the_damage(tmp_path):
     assert gz_doc.segments[0].data == members[0][1]  # a compressed tar's media are bytes in memory
 
 
+def _garble_header(path, member: str) -> None:
+    """Overwrite the header of `member` with bytes that are no tar header (tarfile then stops there silently)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(member).offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 512] = b"\x07" * 512
+    path.write_bytes(bytes(data))
+
+
+def test_tar_parts_read_the_same_documents_and_skips_as_one_pass(tmp_path):
+    members = [(f"k/{i:03d}{ext}", data) for i in range(8)
+               for ext, data in ((".png", _encoded(_pixels(8, 8))), (".txt", f"caption {i}".encode()),
+                                 *(((".wav", _wav(0.02)),) if i % 3 == 0 else ()))]
+    members = [("k/002.cls", b"7") if name == "k/002.txt" else (name, data) for name, data in members]  # no caption
+    _write_tar(tmp_path / "a.tar", members)
+    _write_tar(tmp_path / "b.tar", members)
+    cut = (tmp_path / "b.tar").read_bytes()
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        end = tar.getmember("k/006.png").offset_data + 5
+    (tmp_path / "b.tar").write_bytes(cut[:end])  # truncated in sample 006
+    _write_tar(tmp_path / "c.tar", members)
+    _garble_header(tmp_path / "c.tar", "k/004.txt")  # damaged in the middle of sample 004
+    (tmp_path / "d.tar").write_bytes(b"not a tar at all" * 100)
+    _write_tar(tmp_path / "e.tgz", members[:7])  # samples 000-002
+
+    source = TarDocuments(tmp_path)
+    with pytest.warns(UserWarning):
+        whole = [(d.id, [(type(s).__name__, getattr(s, "text", None) or s.data) for s in d.segments]) for d in source]
+    whole_skipped = list(source.skipped)
+    assert [(s.id, s.reason) for s in whole_skipped] == [
+        ("a/k/002", "missing_caption"), ("b/k/002", "missing_caption"), ("b", "bad_tar"),
+        ("c/k/002", "missing_caption"), ("c", "bad_tar"), ("d", "bad_tar"), ("e/k/002", "missing_caption")]
+    assert "samples kept from before the damage: 6" in whole_skipped[2].detail  # 000..005 of b
+    assert "samples kept from before the damage: 4" in whole_skipped[4].detail  # 000..003 of c
+
+    for part_bytes in (600, 1500, 4096, 10**9):  # ranges ending anywhere: in headers, in data, at samples
+        parts = source.parts(part_bytes)
+        for name in ("a.tar", "b.tar", "c.tar", "d.tar", "e.tgz"):
+            own = [p for p in parts if p.path.name == name]
+            assert sum(p.size for p in own) == (tmp_path / name).stat().st_size
+            assert len(own) == (1 if name == "e.tgz" else -(-(tmp_path / name).stat().st_size // part_bytes))
+        skipped, docs = [], []
+        for part in pickle.loads(pickle.dumps(parts)):  # as a worker gets them
+            docs += [(d.id, [(type(s).__name__, getattr(s, "text", None) or s.data) for s in d.segments])
+                     for d in part.read(lambda *skip, into=skipped: into.append(skip))]
+        assert docs == whole, part_bytes
+        assert skipped == [(s.id, s.reason, s.detail) for s in whole_skipped], part_bytes
+
+
+def _outputs(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _tar_corpus(root, poison: int | None = None) -> None:
+    """Three tars of captioned images (some with audio): a corrupt image, a missing caption and unreadable audio
+    among good samples; sample `poison`'s caption holds POISON (KillingText)."""
+    def sample(i: int) -> list[tuple[str, bytes]]:
+        caption = f"caption {i}" + (" POISON" if i == poison else "")
+        out = [(f"s/{i:03d}.png", _encoded(_pixels(16 + 4 * (i % 3), 16))), (f"s/{i:03d}.txt", caption.encode())]
+        return out + ([(f"s/{i:03d}.wav", _wav(0.05))] if i % 4 == 0 else [])
+
+    root.mkdir(parents=True, exist_ok=True)
+    _write_tar(root / "t0.tar", [m for i in range(4) for m in sample(i)]
+               + [("s/004.png", _encoded(_pixels(16, 16))[:50]), ("s/004.txt", b"corrupt image")])
+    _write_tar(root / "t1.tar", [m for i in range(5, 9) for m in sample(i)] + [("s/009.png", _encoded(_pixels(8, 8)))])
+    _write_tar(root / "t2.tar", [("s/010.png", _encoded(_pixels(16, 16))), ("s/010.txt", b"unreadable audio"),
+                                 ("s/010.wav", b"RIFF\x24\x00\x00\x00WAVEfmt garbage")]
+               + [m for i in range(11, 14) for m in sample(i)])
+
+
+def test_workers_read_the_tars_and_skip_and_count_by_reason_what_one_process_does(tmp_path, monkeypatch):
+    from mot.data import pipeline, tar_source
+
+    _tar_corpus(tmp_path / "tars")
+    vocab, toks = UnifiedVocab(tiny_config()), {"text": FakeText(), "image": FakeImage(), "speech": FakeSpeech()}
+
+    def run(out, workers):
+        with pytest.warns(UserWarning) as record:
+            prepare(tmp_path / "tars", toks, vocab, tmp_path / out, num_workers=workers, shard_size=5,
+                    show_progress=False)
+        # the reader's skip is warned here, in the main process, whoever read the tar
+        assert [str(w.message).split("'")[1] for w in record if "skipped" in str(w.message)] == ["s/009"]
+        return _outputs(tmp_path / out)
+
+    one = run("one", 0)
+    skipped = json.loads(one["skipped.json"])
+    assert skipped["counts"] == {"corrupt_audio": 2, "corrupt_image": 2, "missing_caption": 1}
+    assert {d["id"]: d["reason"] for d in skipped["documents"]} == {
+        "t1/s/009": "missing_caption", "t0/s/004#image-text": "corrupt_image",
+        "t0/s/004#text-image": "corrupt_image", "t2/s/010#audio-text": "corrupt_audio",
+        "t2/s/010#text-audio": "corrupt_audio"}
+    tar_of = {i: f"t{min(i // 5, 2)}" for i in range(14)}
+    kept = [f"{tar_of[i]}/s/{i:03d}#{order}" for i in (0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13)
+            for order in ("image-text", "text-image", *(("audio-text", "text-audio") if i in (0, 8, 12) else ()))]
+    assert list(_read_shards(tmp_path / "one")) == kept  # every good sample; 010's image beside its bad audio
+
+    def no_tar_here(*args, **kwargs):
+        raise AssertionError("prepare's main process opened a tar")
+
+    monkeypatch.setattr(tar_source.tarfile, "open", no_tar_here)  # the workers (other processes) read them
+    assert run("workers", 2) == one
+    monkeypatch.setattr(tar_source, "PART_BYTES", 2048)  # each tar read in byte ranges, by several workers
+    assert run("ranges", 2) == one
+    monkeypatch.setattr(pipeline.ChunkLoop, "encodes_here", lambda self: True)  # CUDA mode's loop, on the CPU
+    assert run("main-encodes", 2) == one
+
+
+def test_a_prepare_of_tars_killed_part_way_resumes_to_the_uninterrupted_output(tmp_path):
+    """The process killed (SIGKILL, in the third tar) keeps the shards it finished; a rerun with workers scans
+    the tars, reuses those shards and writes the rest: the output of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import prepare_worker
+
+    root = Path(__file__).resolve().parents[1]
+    _tar_corpus(tmp_path / "tars", poison=12)  # documents 28-31 of 34, in chunks 9 and 10 (shard_size 3)
+    marker, out = tmp_path / "marker", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "prepare_worker.py"), str(tmp_path / "tars"),
+                           str(out), str(marker), "--workers", "0"], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (out / "manifest.json").exists()
+    complete = sorted(p.name for p in out.glob("shard-*.json"))
+    assert complete == [f"shard-{i:06d}.json" for i in range(7)]  # documents 0-20: the first two tars
+
+    marker.touch()
+    with pytest.warns(UserWarning, match="s/009"):
+        prepare_worker.run(str(tmp_path / "tars"), str(tmp_path / "one"), str(marker))
+        stats = prepare_worker.run(str(tmp_path / "tars"), str(out), str(marker), workers=2)
+    assert (stats.reused_shards, stats.written_shards) == (7, 5)
+    assert _outputs(out) == _outputs(tmp_path / "one")
+
+
 def test_file_range_reads_its_bytes_and_a_bad_range_is_corrupt_input(tmp_path):
     png = _encoded(_pixels(8, 8))
     (tmp_path / "blob.bin").write_bytes(b"x" * 100 + png + b"y" * 7)

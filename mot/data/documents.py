@@ -106,6 +106,12 @@ class DocumentSource:
         """About how many documents a pass yields (for progress bars), or None when unknown."""
         return None
 
+    def parts(self) -> list | None:
+        """The source cut into parts that worker processes read by themselves, in document order (each picklable,
+        with `read(skip)` -> its documents, skip(id, reason, detail) told what it skips, and `size` in bytes),
+        or None: the source is read in the calling process (prepare then hands documents to its workers)."""
+        return None
+
     def skipped_counts(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
 

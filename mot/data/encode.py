@@ -318,14 +318,24 @@ class DocumentDecoder:
     def assemble(self, chunk: DecodedChunk, media: EncodedMedia) -> tuple[list[np.ndarray], list[str], list[dict]]:
         """(unified ids of each kept document, their ids, the skipped documents) in chunk order."""
         arrays, ids, skipped = [], [], []
+        for entry, result in zip(chunk.documents, self.assemble_each(chunk, media), strict=True):
+            if isinstance(result, dict):
+                skipped.append(result)
+            else:
+                arrays.append(result)
+                ids.append(entry[0])
+        return arrays, ids, skipped
+
+    def assemble_each(self, chunk: DecodedChunk, media: EncodedMedia) -> list[np.ndarray | dict]:
+        """Per document of the chunk, in order: its unified ids (int64), or the dict saying why it is skipped."""
+        out: list[np.ndarray | dict] = []
         bod, eod = np.array([self.specials["<bod>"]]), np.array([self.specials["<eod>"]])
         for entry in chunk.documents:
             if isinstance(entry, dict):
-                skipped.append(entry)
+                out.append(entry)
                 continue
-            doc_id, parts = entry
             pieces = [bod]
-            for part in parts:
+            for part in entry[1]:
                 if part[0] == "ids":
                     kind, local = part[1], part[2]
                 elif part[0] == "image":
@@ -339,9 +349,8 @@ class DocumentDecoder:
                     unified = np.concatenate([[begin], unified, [end]])
                 pieces.append(unified)
             pieces.append(eod)
-            arrays.append(np.concatenate(pieces).astype(np.int64))
-            ids.append(doc_id)
-        return arrays, ids, skipped
+            out.append(np.concatenate(pieces).astype(np.int64))
+        return out
 
 
 class MediaEncoder:

@@ -165,6 +165,7 @@ def load_audio(segment: Any, sample_rate: int | None = None) -> torch.Tensor:
     """An AudioSegment -> mono (T,) float32 at `sample_rate` (None = the file's own rate)."""
     data = segment.data
     _check_file(segment)
+    source = None
     try:
         if isinstance(data, FileRange):
             data = data.read_bytes()
@@ -182,7 +183,9 @@ def load_audio(segment: Any, sample_rate: int | None = None) -> torch.Tensor:
     except BadInput:
         raise
     except Exception as err:  # soundfile.LibsndfileError, RuntimeError, ValueError, ...
-        raise BadInput(CORRUPT_AUDIO, f"{_where(segment)}: cannot decode audio: {err}") from err
+        # soundfile names an in-memory file by its repr, a memory address: the detail would differ by run
+        message = str(err).replace(repr(source), "the audio bytes") if isinstance(source, io.BytesIO) else err
+        raise BadInput(CORRUPT_AUDIO, f"{_where(segment)}: cannot decode audio: {message}") from err
     if wave.size == 0:
         raise BadInput(CORRUPT_AUDIO, f"{_where(segment)}: no samples")
     if not np.isfinite(wave).all():

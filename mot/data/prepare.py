@@ -17,10 +17,12 @@ writes it, so the output does not depend on the number of workers:
     skipped.json              skipped documents counted by reason, each with its id and what was wrong
     prepare.json              the settings; resuming in this folder needs the same ones
 
-With a CUDA device (device="auto" finds one), worker processes decode and a GPU encodes images and speech in
-batches (pipeline.py). Under `torchrun` (or `accelerate launch`), process r of W takes chunks r, r + W, ...
-on its own GPU (cuda:LOCAL_RANK), and process 0 merges everyone's shards into one manifest: the output is the
-same for any number of processes or workers.
+Worker processes read the source in parts (a tar shard each, which this process never opens; for other
+sources, runs of documents read here) and decode them; on the CPU they encode too, and with a CUDA device
+(device="auto" finds one) a GPU encodes the images and speech in batches in this process (pipeline.py). Under
+`torchrun` (or `accelerate launch`), process r of W takes chunks r, r + W, ... on its own GPU
+(cuda:LOCAL_RANK), and process 0 merges everyone's shards into one manifest: the output is the same for any
+number of processes or workers.
 
 Every file is written under a temporary name and renamed, so a killed run leaves only whole files, and a re-run
 (resume=True) skips the chunks whose shard is complete. A document that cannot be used (a missing, corrupt or
@@ -45,8 +47,8 @@ from mot.data.batch_encode import DEFAULT_IMAGE_PRECISION, batches_images, check
 from mot.data.distributed import ProcessGroup
 from mot.data.encode import DocumentDecoder, image_grid, materialize, special_ids, tokenizer_info, vocab_layout
 from mot.data.media import IMAGE_POLICIES
-from mot.data.pipeline import ChunkLoop, chunks
-from mot.data.shards import SCHEMA_VERSION, complete_shard, read_json, shard_name, write_json
+from mot.data.pipeline import ChunkLoop
+from mot.data.shards import SCHEMA_VERSION, read_json, shard_name, write_json
 from mot.data.sources import open_documents
 from mot.vocab import UnifiedVocab
 
@@ -75,7 +77,7 @@ class PrepareStats:
     out_dir: str
     device: str = "cpu"
     processes: int = 1
-    profile: dict = field(default_factory=dict)  # process 0's Profile (pipeline.py)
+    profile: dict = field(default_factory=dict)  # process 0's Profile (pipeline_worker.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -215,34 +217,27 @@ def prepare(
     )
     metas: dict[int, dict] = {}
     reused = 0
-    n_chunks = 0
     desc = "prepare" if group.size == 1 else f"prepare {group.rank}/{group.size}"
-    progress = tqdm(total=source.size_hint(), unit="doc", desc=desc, disable=not show_progress or group.rank > 0,
-                    dynamic_ncols=True)
+    # A source that workers read (tar shards) gives no size up front: the total is estimated as its parts are read.
+    progress = tqdm(total=source.size_hint() if source.parts() is None else None, unit="doc", desc=desc,
+                    disable=not show_progress or group.rank > 0, dynamic_ncols=True)
     skipped_so_far = Counter()
 
-    def finish(meta: dict) -> None:
+    def finish(meta: dict, complete_before: bool) -> None:
+        nonlocal reused
+        reused += complete_before
         metas[meta["index"]] = meta
         skipped_so_far.update(s["reason"] for s in meta["skipped"])
         progress.update(meta["input_documents"] * group.size)  # the other processes run at about this rate
         if skipped_so_far:
             progress.set_postfix(skipped=sum(skipped_so_far.values()), refresh=False)
 
-    def work():
-        nonlocal reused, n_chunks
-        for index, docs in chunks(source, shard_size):
-            n_chunks = index + 1
-            if index % group.size != group.rank:
-                continue
-            meta = complete_shard(out, index, docs) if resume else None
-            if meta is None:
-                yield index, docs
-            else:
-                reused += 1
-                finish(meta)
+    def total(documents: int) -> None:
+        progress.total = documents
+        progress.refresh()
 
     with progress:
-        loop.run(work(), finish)
+        n_chunks = loop.run(source, shard_size, finish, group.rank, group.size, resume, total)
 
     gathered = group.gather({"metas": metas, "reused": reused, "profile": loop.profile.as_dict()})
     stats_reused = sum(g["reused"] for g in gathered)
@@ -251,7 +246,8 @@ def prepare(
         raise RuntimeError(f"prepare: shards {sorted(set(range(n_chunks)) - set(metas))} are missing after all "
                            f"{group.size} processes finished")
     ordered = [metas[i] for i in range(n_chunks)]
-    reader_skipped = [{"id": s.id, "reason": s.reason, "detail": s.detail} for s in source.skipped]
+    reader_skipped = [{"id": s.id, "reason": s.reason, "detail": s.detail}
+                      for s in [*source.skipped, *loop.reader_skipped]]  # read here, or by the workers
     skipped = reader_skipped + [s for m in ordered for s in m["skipped"]]
     skipped_counts = dict(sorted(Counter(s["reason"] for s in skipped).items()))
     grids = {name: g for name, tok in loaded.items() if (g := image_grid(tok, image_resolution)) is not None}

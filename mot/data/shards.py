@@ -70,13 +70,13 @@ def write_shard(out: Path, index: int, input_ids: list[str], arrays: list[np.nda
     return meta
 
 
-def complete_shard(out: Path, index: int, documents: list) -> dict | None:
-    """The shard's metadata if shard `index` is whole and was made from these same documents, else None."""
+def complete_shard(out: Path, index: int, input_ids: list[str]) -> dict | None:
+    """The shard's metadata if shard `index` is whole and was made from documents with these same ids, else
+    None."""
     name = shard_name(index)
     meta = read_json(out / f"{name}.json")
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         return None
-    input_ids = [d.id for d in documents]
     if meta.get("input_documents") != len(input_ids) or meta.get("input_digest") != _ids_digest(input_ids):
         return None
     try:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from mot.generate.prompt import THEN, GenerationError
-from mot.generate.session import GenerationRequest, Session
+from mot.generate.session import DECODING, GenerationRequest, Session
 from mot.model.transformer import MoTTransformer
 from mot.tokenize.base import TokenizerError
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, model: MoTTransformer, tokenizer_folder: Path 
     """Generate and write the page for a loaded model (eval mode); returns the files written."""
     from mot.generate.page import generate_page  # torchvision and soundfile: only when generating
 
-    session = Session(model, tokenizer_folder, args.device, args.precision, args.compile)
+    session = Session(model, tokenizer_folder, args.device, args.precision, decoding_of(args))
     if not session.tokenizers:
         print(f"note: no tokenizers found ({tokenizer_folder}): the page shows raw ids", file=sys.stderr)
     if session.config(request_of(args)).image_tokens is None and "image" in session.modalities:
@@ -79,7 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddpm_cosine schedule: 1 = ancestral DDPM, 0 = deterministic DDIM (flow: not used)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on a GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
+    p.add_argument("--decoding", choices=DECODING, default="auto",
+                   help="decode steps: graph = CUDA graphs captured without compiling (auto on a GPU), compile = "
+                        "torch.compile's kernels + CUDA graphs (a minute of compilation per shape), eager (auto "
+                        "on the CPU)")
+    p.add_argument("--compile", action="store_true", help="the same as --decoding compile")
+
+
+def decoding_of(args: argparse.Namespace) -> str:
+    return "compile" if args.compile else args.decoding
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from mot.generate.host import to_device
 from mot.vocab import UnifiedVocab
 
 TEXT, IMAGE, SPEECH, DONE = "text", "image", "speech", "done"
@@ -135,8 +136,7 @@ class ModalityConstraints:
         device = torch.device(device)
         if device not in self._device_tables:
             self._device_tables[device] = self.table.to(device)
-        rows = torch.tensor([self._row(s) for s in states], device=device)
-        return self._device_tables[device][rows]
+        return self._device_tables[device][to_device([self._row(s) for s in states], device)]
 
     # ------------------------------------------------------------ the states
 

@@ -47,6 +47,7 @@ import torch
 from mot.generate.constraints import IMAGE, ModalityConstraints, SpanState
 from mot.generate.decoder import CachedDecoder
 from mot.generate.diffusion import SpanSpec, denoise_in_cache, span_generator
+from mot.generate.host import to_device
 from mot.generate.sampling import SamplingConfig, sample
 from mot.model.transformer import MoTTransformer
 
@@ -295,10 +296,10 @@ def generate(
         raise ValueError(f"decoder holds {decoder.cache.batch} rows x {decoder.cache.max_len} slots; this "
                          f"generation needs {batch} x {max_len}")
     device = decoder.device
-    as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)
+    as_tensor = lambda values, dtype=torch.long: to_device(values, device, dtype)
     prefill_latents, span_ids = _prompt_inputs(rows, prompts, prompt_latents, spec, model.vocab, device)
     logits = decoder.prefill(as_tensor(rows.tokens), as_tensor(rows.positions), as_tensor(rows.visible, torch.bool),
-                             prefill_latents, span_ids)
+                             prefill_latents, span_ids, decoder.tower_counts([t for row in rows.tokens for t in row]))
 
     generator = torch.Generator(device=device).manual_seed(config.seed)
     span_noise = [span_generator(config.seed, i, device) for i in range(n)] if spec is not None else []
@@ -315,7 +316,7 @@ def generate(
                 states[i] = _through_span(rules, states[i], spec)
         cond = logits[:n]
         if config.guided:
-            in_span = as_tensor([s.in_span for s in states], torch.bool)[:, None]
+            in_span = to_device([s.in_span for s in states], device, torch.bool)[:, None]
             cond = torch.where(in_span, cond + (scale - 1) * (cond - logits[n:]), cond)
         allowed = rules.allowed(states, device)
         chosen = sample(cond.masked_fill(~allowed, float("-inf")), sampling, generator).tolist()
@@ -340,7 +341,7 @@ def generate(
         if not any(s.live for s in states):
             break
         tokens, positions, visible = zip(*feed, strict=True)
-        logits = decoder.step(as_tensor(tokens), as_tensor(positions), as_tensor(visible, torch.bool))
+        logits = decoder.step(tokens, positions, visible)
     given = prompt_latents if prefill_latents is not None else [[] for _ in prompts]
     return [Generation(list(p), o, s.kind == "done", z, [x.float().cpu() for x in g])
             for p, o, s, z, g in zip(prompts, out, states, latents, given, strict=True)]

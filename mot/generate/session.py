@@ -65,22 +65,42 @@ def diffusion_codecs(model: MoTTransformer, tokenizers: dict[str, Any], tokenize
         raise GenerationError(str(err)) from None
 
 
+# How the decoding steps run (mot.generate.decoder.CachedDecoder): auto = CUDA graphs on a GPU, eager on the CPU.
+DECODING = ("auto", "eager", "graph", "compile")
+
+
 class Session:
     """A model in eval mode on its device with everything needed to turn requests into generations."""
 
     def __init__(self, model: MoTTransformer, tokenizer_folder: Path | None, device: str = "auto",
-                 precision: str = "auto", compile: bool = False):
+                 precision: str = "auto", decoding: str = "auto"):
         self.tokenizers = load_tokenizers(tokenizer_folder, model.vocab)
         self.codecs = diffusion_codecs(model, self.tokenizers, tokenizer_folder)
         self.device = _device(device)
         dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") \
             else torch.float32
-        if compile and (self.device.type != "cuda" or dtype != torch.bfloat16):
+        if decoding not in DECODING:
+            raise GenerationError(f"decoding={decoding!r}: choose from {list(DECODING)}")
+        if decoding == "auto":
+            decoding = "graph" if self.device.type == "cuda" else "eager"
+        if decoding in ("graph", "compile") and self.device.type != "cuda":
+            raise GenerationError(f"--decoding {decoding} needs a CUDA device")
+        if decoding == "compile" and dtype != torch.bfloat16:
             # The compiled step must be one graph: MoT's grouped matmul runs on CUDA in bf16 only.
-            raise GenerationError("--compile needs a CUDA device and bf16 precision")
-        self.compile = compile
+            raise GenerationError("--decoding compile needs bf16 precision")
+        self.decoding = decoding
+        self._decoder: CachedDecoder | None = None  # the last one, reused (with its graphs) for the same shape
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.vocab = model.vocab
+
+    def decoder(self, rows: int, slots: int) -> CachedDecoder:
+        """A decoder of this shape in the session's mode (diffusion blocks run eager between graph steps)."""
+        cached = self._decoder
+        if cached is None or cached.cache.batch != rows or cached.cache.max_len != slots:
+            self._decoder = None  # free the old cache first
+            cached = self._decoder = CachedDecoder(self.model, rows, slots, compile=self.decoding == "compile",
+                                                   cuda_graph=self.decoding == "graph")
+        return cached
 
     @property
     def modalities(self) -> list[str]:
@@ -131,12 +151,9 @@ class Session:
                  on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
         """The request's samples (one batch); on_token(sample, id) sees every id as it is sampled."""
         prompt, prompt_latents, config = self.prepare(request)
-        decoder = None
         try:
-            if self.compile:  # diffusion blocks run eager between the compiled steps
-                rows = request.samples * (2 if config.guided else 1)
-                slots = cache_slots(self.model, [prompt] * request.samples, config)
-                decoder = CachedDecoder(self.model, rows, slots, compile=True)
+            decoder = self.decoder(request.samples * (2 if config.guided else 1),
+                                   cache_slots(self.model, [prompt] * request.samples, config))
             return generate(self.model, [prompt] * request.samples, config, decoder,
                             [prompt_latents] * request.samples if prompt_latents else None, on_token)
         except ValueError as err:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from mot.config import ModelConfig
@@ -60,13 +59,15 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(cfg)
 
     def forward(self, x: torch.Tensor, route: Route, inputs: AttentionInputs) -> torch.Tensor:
+        # Reshapes by hand rather than einops: a decoding step runs this per layer and token, where the host time
+        # of each call counts.
         q, k, v = self.qkv(x, route).split(self.split, dim=-1)
-        q = rearrange(q, "n (h d) -> n h d", h=self.n_heads)
-        k, v = (rearrange(t, "n (h d) -> n h d", h=self.kv_heads) for t in (k, v))
+        q = q.unflatten(-1, (self.n_heads, -1))  # (N, H, D)
+        k, v = (t.unflatten(-1, (self.kv_heads, -1)) for t in (k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q, route), self.k_norm(k, route)
         # Global attention over the whole sequence: back to natural order for this part only.
-        seq = lambda t: rearrange(route.unsort(t), "(b t) h d -> b t h d", b=inputs.batch)
+        seq = lambda t: route.unsort(t).unflatten(0, (inputs.batch, -1))  # (B, T, H, D)
         q, k, v = seq(q), seq(k), seq(v)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -79,7 +80,7 @@ class Attention(nn.Module):
             out = flex(q, k, v, inputs.mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, enable_gqa=gqa)
-        out = route.sort(rearrange(out, "b h t d -> (b t) (h d)"))
+        out = route.sort(out.transpose(1, 2).flatten(2).flatten(0, 1))  # (B, H, T, D) -> (B*T, H*D)
         return self.out(out, route)
 
 

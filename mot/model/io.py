@@ -26,7 +26,8 @@ class ModelInputs:
         (N_m,) of the N_m positions where modality == m, in row-major order.
     tower_counts: the tokens per modality, counted on the host (`PackedBatch.counted`; a tuple of ints,
         which DDP and FSDP leave on the host): on CUDA the blocks then run one cuBLAS GEMM per tower
-        instead of a grouped matmul. Not on the cached path.
+        instead of a grouped matmul; where every token sits in one tower, the route skips its sort (a decoding
+        step).
     """
 
     tokens: torch.Tensor

@@ -91,6 +91,7 @@ class TowerSlices(Protocol):
     kernels: Kernels
     offsets: torch.Tensor  # (M,) int32 end of each tower's slice
     host_counts: torch.Tensor | None  # (M,) int64 on the CPU
+    tower: int | None  # every row in this tower
 
     def counts_list(self) -> list[int]: ...
 
@@ -113,8 +114,9 @@ def tower_linear(x: torch.Tensor, weight: torch.Tensor, route: TowerSlices, grad
     (tower_matmul.py), where the per-tower GEMMs run; elsewhere the gradient goes to `.grad` as usual."""
     grad_sum = grad_sum if torch.is_grad_enabled() else None
     one_tower = weight.shape[0] == 1
-    if one_tower and grad_sum is None:
-        return F.linear(x, weight[0])  # the dense model: an ordinary linear layer
+    if grad_sum is None and (one_tower or route.tower is not None):
+        # the dense model, or every row in one tower: an ordinary linear layer
+        return F.linear(x, weight[0 if one_tower else route.tower])
     x, weight = cast_for_autocast(x, weight)
     # One tower accumulating its gradient: the same op, all rows in one slice.
     host_counts = torch.tensor([x.shape[0]]) if one_tower else route.host_counts

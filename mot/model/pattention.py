@@ -83,10 +83,11 @@ class TowerPattention(nn.Module):
             self.values[t, n:] = 0
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        if self.keys.shape[0] == 1:
-            n = self.n_tokens[0]
-            x, keys, values = cast_for_autocast(x, self.keys[0, :n], self.values[0, :n])
-            return pattention(x, keys, values, self.taus[0])
+        if self.keys.shape[0] == 1 or route.tower is not None:  # every row in one tower
+            t = 0 if self.keys.shape[0] == 1 else route.tower
+            n = self.n_tokens[t]
+            x, keys, values = cast_for_autocast(x, self.keys[t, :n], self.values[t, :n])
+            return pattention(x, keys, values, self.taus[t])
         if self.uniform or route.kernels.grouped(x, self.keys):
             # Two tower matmuls over the padded tokens (exact: padding rows are zero), on the route's kernels;
             # the modified softmax runs row-wise between them.

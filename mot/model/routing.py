@@ -32,6 +32,9 @@ class Route:
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
     host_counts: torch.Tensor | None = None  # (M,) int64 on the CPU: what the per-tower GEMMs slice by
+    # Every row in this one tower (the host counts say so): the route is the identity and each parameter is
+    # its tower's slice, used as an ordinary layer (a decode step: one tower, few rows, host time is the cost).
+    tower: int | None = None
     _counts_list: list[int] | None = None
 
     def counts_list(self) -> list[int]:
@@ -56,6 +59,12 @@ class Route:
         """(M, ...) per-tower tensor -> (N, ...) one copy per sorted row."""
         return ExpandTowerRows.apply(weight, self.sorted_modality)
 
+    def one_tower(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The (...) slice of an (M, ...) per-tower tensor that every row uses, or None where rows differ."""
+        if weight.shape[0] == 1:
+            return weight[0]
+        return None if self.tower is None else weight[self.tower]
+
 
 def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True,
                  host_counts: Sequence[int] | torch.Tensor | None = None) -> Route:
@@ -64,12 +73,18 @@ def route_tokens(modality: torch.Tensor, n_towers: int, permute: bool = True,
 
     host_counts: the M tokens per tower, counted by the caller on the host, for the per-tower GEMMs
     (kernels.checked_host_counts). A tuple of ints passes through DDP and FSDP untouched (both move tensor
-    arguments to the GPU; a tensor on the GPU is read back, a sync)."""
+    arguments to the GPU; a tensor on the GPU is read back, a sync). Where they put every row in one tower,
+    the route is the identity on that tower (`Route.tower`): a stable sort of one tower is the identity."""
     flat = modality.reshape(-1)
     towers = torch.arange(n_towers, device=flat.device, dtype=flat.dtype)
-    if not permute:
+    one_tower = permute and host_counts is not None and max(int(c) for c in host_counts) == flat.numel() > 0
+    if not permute or one_tower:
         counts = (flat[:, None] == towers).sum(0)
-        return Route(flat, counts, counts.cumsum(0).to(torch.int32), AUTO)
+        route = Route(flat, counts, counts.cumsum(0).to(torch.int32), AUTO)
+        if one_tower:
+            route.host_counts = checked_host_counts(host_counts, counts)
+            route.tower = int(route.host_counts.argmax())
+        return route
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -116,8 +131,9 @@ class TowerRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        if self.weight.shape[0] == 1:
-            return F.rms_norm(x.to(dtype), x.shape[-1:], self.weight[0].to(dtype), self.eps).type_as(x)
+        gain = route.one_tower(self.weight)
+        if gain is not None:
+            return F.rms_norm(x.to(dtype), x.shape[-1:], gain.to(dtype), self.eps).type_as(x)
         normed = F.rms_norm(x.to(dtype), x.shape[-1:], None, self.eps)
         gain = route.expand(self.weight).to(dtype)
         gain = gain.view(gain.shape[0], *([1] * (x.dim() - 2)), gain.shape[-1])
@@ -139,7 +155,8 @@ class TowerHeadLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         normed = F.layer_norm(x.to(dtype), x.shape[-1:], None, None, self.eps)
-        if self.weight.shape[0] == 1:
-            return (normed * self.weight[0].to(dtype) + self.bias[0].to(dtype)).type_as(x)
+        gain, bias = route.one_tower(self.weight), route.one_tower(self.bias)
+        if gain is not None:
+            return (normed * gain.to(dtype) + bias.to(dtype)).type_as(x)
         per_row = lambda p: route.expand(p.flatten(1)).view(-1, *p.shape[1:]).to(dtype)
         return (normed * per_row(self.weight) + per_row(self.bias)).type_as(x)

@@ -25,6 +25,18 @@ from mot.model.routing import Route, TowerHeadLayerNorm, TowerLinear, TowerRMSNo
 from mot.vocab import UnifiedVocab
 
 
+def rows_of(flat_modality: torch.Tensor, modality: int, count: int) -> torch.Tensor:
+    """The flat indices of the `count` rows of `modality` (as many as its latent tokens), in row-major order.
+    While a CUDA graph is captured the count cannot be read back, so it is taken on trust."""
+    where = flat_modality == modality
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return torch.nonzero_static(where, size=count).squeeze(1)
+    where = where.nonzero().squeeze(1)
+    if where.numel() != count:
+        raise ValueError(f"modality {modality} has {where.numel()} positions but {count} latent tokens")
+    return where
+
+
 class MoTTransformer(nn.Module):
     """The MoT model of a `ModelConfig` (dense: nothing untied).
 
@@ -112,9 +124,7 @@ class MoTTransformer(nn.Module):
         x = self.embed(tokens.reshape(-1))
         flat_modality = modality.reshape(-1)
         for m, z in latents.items():
-            where = (flat_modality == m).nonzero().squeeze(1)
-            if where.numel() != z.shape[0]:
-                raise ValueError(f"modality {m} has {where.numel()} positions but {z.shape[0]} latent tokens")
+            where = rows_of(flat_modality, m, z.shape[0])
             embedded = self.latent_io[self.diffusion_modalities[m]].embed(z, timesteps[m])
             x = x.index_copy(0, where, embedded.to(x.dtype))
         return route.sort(x)
@@ -127,7 +137,8 @@ class MoTTransformer(nn.Module):
         if not which:
             return {}
         flat, flat_modality = hidden.reshape(-1, hidden.shape[-1]), modality.reshape(-1)
-        return {m: self.latent_io[self.diffusion_modalities[m]].predict(flat[flat_modality == m]) for m in which}
+        return {m: self.latent_io[self.diffusion_modalities[m]].predict(
+            flat.index_select(0, rows_of(flat_modality, m, z.shape[0]))) for m, z in which.items()}
 
     def run_blocks(
         self,
@@ -174,8 +185,8 @@ class MoTTransformer(nn.Module):
         outside a span, k >= 0 inside span k: bidirectional inside each span, causal elsewhere (image spans
         under diffusion: a prefill holding clean images, or a block being denoised; see `KVCache.append`).
         """
-        if inputs.attn_mask is not None or inputs.tower_counts is not None:
-            raise ValueError("the cached path makes its own mask and routes without host counts")
+        if inputs.attn_mask is not None:
+            raise ValueError("the cached path makes its own mask")
         tokens = inputs.tokens
         batch, t = tokens.shape
         positions = inputs.positions
@@ -194,15 +205,17 @@ class MoTTransformer(nn.Module):
         cache: KVCache,
         slot: torch.Tensor,
         visible: torch.Tensor,
+        tower_counts: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """One token per row (B, 1) written at `slot` (a long tensor) -> logits (B, 1, V).
 
         Every shape is fixed by the cache, so this compiles once (CUDA graphs) for a whole generation;
         cache.length is left to the caller. Plain tensors in and the logits alone out (a step has no latents),
-        so the compiled graph's inputs and output are tensors.
+        so the compiled graph's inputs and output are tensors. tower_counts: the rows per modality, known on
+        the host (a captured graph then holds the kernels of that mix: one tower, no routing ops).
         """
         writes, mask = cache.at_slot(slot, visible)
-        inputs = ModelInputs(tokens, modality, positions)
+        inputs = ModelInputs(tokens, modality, positions, tower_counts=tower_counts)
         return self._output_with_cache(inputs, writes, mask, last_only=False).logits
 
     def _output_with_cache(
@@ -211,7 +224,7 @@ class MoTTransformer(nn.Module):
         tokens = inputs.tokens
         batch, t = tokens.shape
         modality = self._modality(inputs)
-        route = self.route(modality)  # routing works on any rows: here only the new tokens
+        route = self.route(modality, inputs.tower_counts)  # routing works on any rows: here only the new tokens
         x = self.embed_inputs(tokens, modality, route, inputs.latents, inputs.timesteps)
         cos, sin = self.rope(t, inputs.positions)
         for block, write in zip(self.blocks, writes, strict=True):

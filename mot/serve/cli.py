@@ -23,7 +23,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"mot serve: unexpected arguments {overrides}")
     model, _, tokenizer_folder = load_for_inference(args.ckpt)
     try:
-        session = Session(model, tokenizer_folder, args.device, args.precision)
+        session = Session(model, tokenizer_folder, args.device, args.precision, args.decoding)
     except GenerationError as err:
         raise ConfigError(f"mot serve: {err}") from None
     print(f"mot serve: {args.ckpt} on {session.device}; open http://{args.host}:{args.port}", file=sys.stderr)
@@ -38,4 +38,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on a GPU")
+    p.add_argument("--decoding", choices=["auto", "eager", "graph", "compile"], default="auto",
+                   help="decode steps: auto = CUDA graphs on a GPU (mot generate --help), eager on the CPU")
     p.set_defaults(func=cmd_serve)

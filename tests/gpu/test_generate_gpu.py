@@ -41,6 +41,7 @@ from mot.generate.sampling import filter_logits
 from mot.generate.sampling import sample as real_sample
 from mot.model import MoTTransformer
 from tests.conftest import randomize_norms, tiny_config
+from tests.test_transfusion import diffusion_config
 
 DEVICE = "cuda"  # "cpu" runs the bodies without CUDA graphs (a dry run of the test code, outside tests/gpu)
 IMAGE_TOKENS, SPEECH_CAP, NEW_TOKENS = 6, 5, 40
@@ -70,8 +71,9 @@ def prompts_of(model: MoTTransformer) -> list[list[int]]:
 class BiasedDecoder(CachedDecoder):
     """Random weights rarely open spans: push <boi>/<bos> up and <eod> down (after the step, outside any graph)."""
 
-    def __init__(self, model: MoTTransformer, rows: int, max_len: int, compile: bool = False):
-        super().__init__(model, rows, max_len, compile)
+    def __init__(self, model: MoTTransformer, rows: int, max_len: int, compile: bool = False,
+                 cuda_graph: bool = False):
+        super().__init__(model, rows, max_len, compile, cuda_graph)
         v = model.vocab
         self.bias = torch.zeros(v.size, device=self.device)
         self.bias[[v.special_id("<boi>"), v.special_id("<bos>"), v.special_id("<eod>")]] = torch.tensor(
@@ -244,3 +246,68 @@ def test_dense_cuda_graph_generation_matches_eager_generation_in_fp32(graphs, mo
     report("fp32 dense CUDA graphs vs eager", stats, expected, model)
     assert stats["compared"] >= 0.9 * stats["of"], stats
     assert_cuda_graphs_replayed()
+
+
+def one_sample_image_prompt(model: MoTTransformer) -> list[list[int]]:
+    """One guided sample asked for an image: both rows sit in the image tower for the whole span."""
+    v = model.vocab
+    return [[v.special_id("<bod>"), v["text"].start + 4, v.special_id("<boi>")]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_graphs_without_inductor_match_eager_generation(dtype, monkeypatch):
+    """`CachedDecoder(cuda_graph=True)` (the default of `mot generate` on a GPU): the static step captured per mix
+    of towers and replayed, against eager generation. One-tower steps replay graphs of ordinary layers on the
+    tower's slices; mixed steps replay the grouped matmul's graph (bf16 on Hopper) or run eager (fp32: split +
+    matmul reads slice sizes on the host). Logits within the dtype's tolerance until a near-tie flips a draw."""
+    model = tiny_model(dtype, seed=4)
+    atol, rtol = (BF16_ATOL, BF16_RTOL) if dtype == torch.bfloat16 else (FP32_ATOL, FP32_RTOL)
+    for prompts in (prompts_of(model), one_sample_image_prompt(model)):
+        config = gen_config(1.0)
+        rows, slots = 2 * len(prompts), cache_slots(model, prompts, config)
+        expected = traced(monkeypatch, model, prompts, config, BiasedDecoder(model, rows, slots))  # eager
+        decoder = BiasedDecoder(model, rows, slots, cuda_graph=True)
+        got = traced(monkeypatch, model, prompts, config, decoder)
+        stats = compare(got, expected, atol, rtol)
+        report(f"{dtype} CUDA graphs without inductor vs eager, {len(prompts)} samples (graphs for "
+               f"{sorted(decoder._graphs, key=str)})", stats, expected, model)
+        assert stats["compared"] >= (0.5 if dtype == torch.bfloat16 else 0.9) * stats["of"], stats
+        image_tower = (0,) * model.vocab["image"].index + (rows,)
+        if len(prompts) == 1:  # the image span's steps: both rows in the image tower, its own graph
+            assert image_tower + (0,) * (model.cfg.n_modalities - len(image_tower)) in decoder._graphs
+        else:  # mixed steps: a graph only where the grouped matmul runs them
+            assert (None in decoder._graphs) == (dtype == torch.bfloat16)
+        again = compare(traced(monkeypatch, model, prompts, config, decoder), got, atol, rtol)
+        assert again["compared"] >= 0.5 * again["of"], again
+
+
+def test_diffusion_blocks_replay_a_cuda_graph_and_match_eager_generation():
+    """Under cuda_graph=True the denoising passes of a diffusion image span's block (the same slots, new latents
+    and times each pass) replay one CUDA graph captured at the block's first pass: the clean latents and the
+    tokens through <eoi> are those of eager generation (bf16; the same kernels, so within a rounding or two)."""
+    torch.manual_seed(5)
+    cfg = diffusion_config(patch_size=2, dim=64, ffn_dim=64, max_seq_len=128)
+    model = MoTTransformer(cfg)
+    randomize_norms(model, torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the read-out starts at zero: every prediction would be 0
+        for p in model.latent_io.parameters():
+            p.copy_(0.3 * torch.randn(p.shape))
+    model = model.to(device=DEVICE, dtype=torch.bfloat16).eval()
+    v, n = model.vocab, cfg.modalities[1].latent_tokens
+    prompts = [[v.special_id("<bod>"), v["text"].start + 3, v.special_id("<boi>")],
+               [v.special_id("<bod>"), v["text"].start + 7, v.special_id("<boi>")]]
+    config = GenerationConfig(max_new_tokens=n + 6, temperature=0.0, image_tokens=n, diffusion_steps=8,
+                              diffusion_clip=2.5, seed=5, guidance_scale=2.0)
+    eager = generate(model, prompts, config)
+    decoder = CachedDecoder(model, 4, cache_slots(model, prompts, config), cuda_graph=True)
+    captures = []
+    capture = decoder._capture
+    decoder._capture = lambda run: captures.append(1) or capture(run)
+    graphed = generate(model, prompts, config, decoder)
+    assert decoder._block is not None, "the diffusion block ran eager"
+    assert len(captures) == 1 + len(decoder._graphs), "one capture for the block, one per step graph"
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.tokens[: n + 1] == b.tokens[: n + 1]
+        torch.testing.assert_close(a.latents[0], b.latents[0], rtol=0.02, atol=0.02)
+    print(f"diffusion block under CUDA graphs: latents max abs diff "
+          f"{max(float((a.latents[0] - b.latents[0]).abs().max()) for a, b in zip(graphed, eager, strict=True)):.3g}")
