@@ -104,16 +104,17 @@ class CachedDecoder:
         rows = len(tokens)
         packed = to_device([tokens, positions, [int(v) for v in visible], [self.cache.length] * rows], self.device)
         tokens_, positions_, visible_ = packed[0, :, None], packed[1, :, None], packed[2, :, None].bool()
-        modality = self.modality_table[tokens_]
         if not self.compiled:  # eager: attend over the filled slots only
-            inputs = ModelInputs(tokens_, modality, positions_, tower_counts=self.tower_counts(tokens))
+            inputs = ModelInputs(tokens_, self.modality_table[tokens_], positions_,
+                                 tower_counts=self.tower_counts(tokens))
             with varying_shapes():
                 return self.model.forward_cached(inputs, self.cache, visible=visible_).logits[:, -1].float()
         if self.cuda_graph:
             logits = self._replay(packed, self.tower_counts(tokens))
         else:
             torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(tokens_, modality, positions_, self.cache, packed[3, :1], visible_)
+            logits = self._step(tokens_, self.modality_table[tokens_], positions_, self.cache, packed[3, :1],
+                                visible_)
         self.cache.length += 1
         # A copy: the graph's output buffer is overwritten by the next replay.
         return logits[:, -1].to(torch.float32, copy=True)
@@ -123,8 +124,7 @@ class CachedDecoder:
         for steps whose rows all sit in it (ordinary layers on its slices), one for mixed steps (the grouped
         matmul; where it cannot run, those steps go eager). Each is captured at its first step, after one
         warm-up run (`_capture`)."""
-        tower = next((m for m, n in enumerate(tower_counts) if n == sum(tower_counts)), None)
-        key = tower_counts if tower is not None else None
+        key = tower_counts if max(tower_counts) == sum(tower_counts) else None  # one tower: its own graph
         if key is None and not self._mixed_capturable:  # eager, uncaptured
             return self._static_step(packed, None)
         if key not in self._graphs:
@@ -156,11 +156,9 @@ class CachedDecoder:
         With cuda_graph=True the passes of one block (the same slots, rows and shapes; only the latents and
         their times change) replay one CUDA graph, captured at the block's first pass, where the grouped matmul
         runs the towers (`mixed_steps_capturable`)."""
-        inputs = ModelInputs(tokens, self.modality_table[tokens], positions, latents=latents, timesteps=timesteps)
         if not self._mixed_capturable:  # eager (a block's rows mix towers: placeholders and pads)
             with varying_shapes():
-                out = self.model.forward_cached(inputs, self.cache, visible=visible, last_only=True, advance=advance,
-                                                span_ids=torch.zeros_like(tokens))  # the block: one span per row
+                out = self._block_pass(tokens, positions, visible, latents, timesteps, advance)
             return out.logits[:, -1].float(), out.latent_predictions
         key = (self.cache.length, *tokens.shape, *[(m, z.shape[0]) for m, z in sorted(latents.items())])
         if self._block is None or self._block[0] != key:
@@ -180,10 +178,10 @@ class CachedDecoder:
             self.cache.length += tokens.shape[1]
         return logits[:, -1].to(torch.float32, copy=True), {m: p.clone() for m, p in predictions.items()}
 
-    def _block_pass(self, tokens, positions, visible, latents, timesteps) -> ModelOutput:
+    def _block_pass(self, tokens, positions, visible, latents, timesteps, advance: bool = False) -> ModelOutput:
         inputs = ModelInputs(tokens, self.modality_table[tokens], positions, latents=latents, timesteps=timesteps)
-        return self.model.forward_cached(inputs, self.cache, visible=visible, last_only=True, advance=False,
-                                         span_ids=torch.zeros_like(tokens))
+        return self.model.forward_cached(inputs, self.cache, visible=visible, last_only=True, advance=advance,
+                                         span_ids=torch.zeros_like(tokens))  # the block: one span per row
 
     def _capture(self, run):
         """A CUDA graph of `run()` and its outputs, after one warm-up run on a side stream (it writes the cache
