@@ -58,6 +58,11 @@ def recipe(args) -> ModelConfig:
         mods = [ModalityConfig("text", 96, token_fraction=0.2), ModalityConfig("image", 64, token_fraction=0.62),
                 ModalityConfig("speech", 32, token_fraction=0.18)]
         return ModelConfig(dim=64, n_layers=2, n_heads=4, modalities=mods, max_seq_len=args.seq_len)
+    if args.vocab == "demo":  # the demo tokenizers' sizes, as the scaling study's models use them
+        mods = [ModalityConfig("text", 512, token_fraction=0.3), ModalityConfig("image", 512, token_fraction=0.5),
+                ModalityConfig("speech", 128, token_fraction=0.2)]
+        return ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, modalities=mods,
+                           max_seq_len=args.seq_len)
     # Chameleon's vocabulary: 65,536 ids with 8,192 image codes; 500 speech units.
     mods = [ModalityConfig("text", 65536 - 8192 - 500 - 64, token_fraction=0.2),
             ModalityConfig("image", 8192, token_fraction=0.62), ModalityConfig("speech", 500, token_fraction=0.18)]
@@ -70,7 +75,8 @@ def run_config(model: ModelConfig, name: str, tokens_per_update: int, args, shar
     """`mot train`'s settings for this size; validated as a recipe is."""
     train = TrainConfig(seq_len=args.seq_len, batch_size=tokens_per_update // args.seq_len,
                         micro_batch_size=args.micro_batch, steps=args.warmup + args.steps, warmup_steps=1,
-                        compile=cuda, log_every=1, eval_every=0, checkpoint_every=0, tensorboard=False,
+                        compile=cuda, cuda_graph=args.cuda_graph == ["on"], log_every=1, eval_every=0,
+                        checkpoint_every=0, tensorboard=False,
                         out_dir=str(out_dir))
     cfg = RunConfig(name=name, model=model, train=train, data=DataConfig(shards=str(shards), eval_fraction=0.0))
     return config_from_dict(config_to_dict(cfg), where=f"bench/step.py {name}")
@@ -100,6 +106,36 @@ def time_updates(trainer: Trainer, args, device: torch.device) -> dict:
             "master_weights": trainer.state.master_weights}
 
 
+def profile_updates(trainer: Trainer, device: torch.device, updates: int = 2) -> dict:
+    """Host and GPU time of `updates` calls of trainer.update() under torch.profiler; prints the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(updates):
+            trainer.update()
+        sync()
+    wall_ms = 1e3 * (time.perf_counter() - start) / updates
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3 / updates  # kernel time; overlap counted twice
+    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                   "cuLaunchKernelEx"))
+    syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                "cudaEventSynchronize"))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if kernels:
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+    out = {"wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "launches_per_update": launches / updates,
+           "syncs_per_update": syncs / updates}
+    print(f"profile: {wall_ms:.1f} ms per update (profiler on), GPU kernels {gpu_ms:.1f} ms, "
+          f"{launches / updates:.0f} kernel launches and {syncs / updates:.0f} host syncs per update", flush=True)
+    return out
+
+
 def summarise(name: str, tokens: int, timed: dict, full_causal_per_token: float, peak: float | None) -> dict:
     ms = [1e3 * s for s in timed["seconds"]]
     median_ms = statistics.median(ms)
@@ -125,6 +161,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed updates per variant")
     parser.add_argument("--warmup", type=int, default=2, help="updates before timing (compilation included)")
     parser.add_argument("--variants", nargs="+", default=["dense", "mot"], choices=["dense", "mot"])
+    parser.add_argument("--vocab", default="chameleon", choices=["chameleon", "demo"],
+                        help="chameleon: 65,536 ids (8,192 image codes, 500 speech units); demo: the demo "
+                             "tokenizers' 512 / 512 / 128")
+    parser.add_argument("--cuda-graph", nargs="+", default=["off"], choices=["off", "on"],
+                        help="train.cuda_graph: each micro-batch's forward and backward as one CUDA graph")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 2 updates: host and GPU time, kernel launches, top ops")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
     parser.add_argument("--corpus", default="", help=argparse.SUPPRESS)  # set for the child processes
@@ -150,7 +193,7 @@ def main() -> int:
             print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; MFU against "
                   f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else torch.cuda.get_device_name(), flush=True)
     if args.corpus:  # a child: one variant at one batch size, its row to --json
-        (variant,), (tokens,) = args.variants, args.tokens_per_update
+        (variant,), (tokens,), (graph,) = args.variants, args.tokens_per_update, args.cuda_graph
         row = run_one(configs[variant], variant, tokens, args, Path(args.corpus), device, peak)
         Path(args.json).write_text(json.dumps(row))
         return 0
@@ -170,23 +213,26 @@ def main() -> int:
               f"{time.perf_counter() - start:.1f} s; token shares {manifest['options']['random']['tokens']}",
               flush=True)
         for tokens in args.tokens_per_update:
-            for variant in args.variants:
-                results.append(run_child(variant, tokens, folder, args))
+            for graph in args.cuda_graph:
+                for variant in args.variants:
+                    results.append(run_child(variant, tokens, graph, folder, args))
     print_table(results, args, peak)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
 
 
-def run_child(variant: str, tokens: int, folder: Path, args) -> dict:
+def run_child(variant: str, tokens: int, graph: str, folder: Path, args) -> dict:
     """One variant at one batch size in a process of its own: torch.compile starts from nothing (no shapes of the
     other variant to turn into dynamic ones), and the memory peak is that variant's."""
-    row_file = folder / f"{variant}_{tokens}.json"
+    row_file = folder / f"{variant}_{tokens}_{graph}.json"
     command = [sys.executable, __file__, "--corpus", str(folder / "corpus"), "--json", str(row_file),
                "--variants", variant, "--tokens-per-update", str(tokens), "--dim", str(args.dim),
                "--layers", str(args.layers), "--heads", str(args.heads), "--seq-len", str(args.seq_len),
-               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    subprocess.run(command + (["--smoke"] if args.smoke else []), check=True)
+               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--vocab", args.vocab, "--cuda-graph", graph]
+    command += (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
+    subprocess.run(command, check=True)
     return json.loads(row_file.read_text())
 
 
@@ -200,23 +246,28 @@ def run_one(cfg: ModelConfig, variant: str, tokens: int, args, corpus: Path, dev
     row = summarise(variant, tokens, timed, size_report(cfg.model, args.seq_len).flops_forward_backward_mixed, peak)
     t = cfg.train
     flex = device.type == "cuda" and (t.flex_attention is True or (t.flex_attention == "auto" and t.compile))
-    row.update(setup_s=setup_s, compile=t.compile, flex_attention=flex)
-    print(f"{variant} at {tokens:,} tokens per update: {row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}), "
+    row.update(setup_s=setup_s, compile=t.compile, flex_attention=flex, cuda_graph=t.cuda_graph)
+    if args.profile:
+        row["profile"] = profile_updates(trainer, device)
+    print(f"{variant}{' (CUDA graph)' if t.cuda_graph else ''} at {tokens:,} tokens per update: {row['ms']:.1f} ms "
+          f"({row['min_ms']:.1f}-{row['max_ms']:.1f}), "
           f"set-up {setup_s:.0f} s, warm-up {timed['warmup_s']:.0f} s, master weights {trainer.state.master_weights}",
           flush=True)
     return row
 
 
 def print_table(results: list[dict], args, peak: float | None) -> None:
-    print(f"\n{'tokens/update':>13} {'variant':<7}{'ms/step':>10}{'min-max':>17}{'tokens/s':>10}{'TFLOP/s':>9}"
-          f"{'MFU':>7}{'MFU full':>9}{'GiB':>6}{'x dense':>8}")
+    print(f"\n{'tokens/update':>13} {'variant':<7}{'graph':>6}{'ms/step':>10}{'min-max':>17}{'tokens/s':>10}"
+          f"{'TFLOP/s':>9}{'MFU':>7}{'MFU full':>9}{'GiB':>6}{'x dense':>8}")
     for r in results:
-        dense = next((d for d in results if d["name"] == "dense" and d["tokens_per_update"] == r["tokens_per_update"]),
-                     None)
+        dense = next((d for d in results if d["name"] == "dense" and d["tokens_per_update"] == r["tokens_per_update"]
+                      and d.get("cuda_graph") == r.get("cuda_graph")), None)
         ratio = r["ms"] / dense["ms"] if dense else float("nan")
         mfu = f"{100 * r['mfu']:.1f}%" if peak else "-"
         mfu_full = f"{100 * r['mfu_full_causal']:.1f}%" if peak else "-"
-        print(f"{r['tokens_per_update']:>13,} {r['name']:<7}{r['ms']:>10.1f}{r['min_ms']:>8.1f}-{r['max_ms']:<8.1f}"
+        graph = "on" if r.get("cuda_graph") else "off"
+        print(f"{r['tokens_per_update']:>13,} {r['name']:<7}{graph:>6}{r['ms']:>10.1f}"
+              f"{r['min_ms']:>8.1f}-{r['max_ms']:<8.1f}"
               f"{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}{mfu:>7}{mfu_full:>9}{r['peak_gib']:>6.1f}{ratio:>8.3f}")
     print(f"\nms/step: median of {args.steps} updates after {args.warmup} (min-max beside it), wall clock between "
           "CUDA syncs around Trainer.update(), loader included. TFLOP/s and MFU: the trainer's FLOPs of each step "

@@ -86,6 +86,16 @@ def check_run_config(cfg: RunConfig, fail: Fail) -> None:
             fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     if t.master_weights is True and t.precision == "fp32":
         fail("train.master_weights", "needs bf16 precision (train.precision is 'fp32')")
+    if t.cuda_graph:
+        if not t.compile:
+            fail("train.cuda_graph", "needs train.compile = true (eager blocks read values back to the host, "
+                                     "which a CUDA graph cannot capture)")
+        if t.activation_checkpointing:
+            fail("train.cuda_graph", "is not combined with train.activation_checkpointing")
+        diffusion = [mod.name for mod in m.modalities if mod.is_diffusion]
+        if diffusion:
+            fail("train.cuda_graph", f"needs fixed shapes; diffusion modalities {diffusion} vary the number of "
+                                     "latent tokens per batch")
     if t.keep_checkpoints < 1:
         fail("train.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
     d = cfg.data

@@ -173,6 +173,9 @@ class TrainConfig:
     # "Figures moved out of code comments").
     flex_attention: bool | Literal["auto"] = "auto"
     activation_checkpointing: bool = False
+    # Each micro-batch's forward and backward replayed as one CUDA graph (mot/train/graphed_step.py): for small
+    # models, whose step the host's kernel launches bound. One CUDA process, compiled blocks, AR objectives.
+    cuda_graph: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes
     # FSDP: keep each block's gathered bf16 weights from the first forward of a step to its last backward (one
     # all-gather per step instead of two per micro-batch; costs 2 bytes per parameter per GPU). mot/train/sharding.py

@@ -152,6 +152,40 @@ def test_tar_shard_prepare_keeps_good_samples_and_counts_each_bad_one(tmp_path):
         np.testing.assert_array_equal(got[doc_id], _ref_ids(parts, vocab), err_msg=doc_id)
 
 
+def test_a_pairs_media_and_caption_are_decoded_once_for_both_orders(tmp_path, monkeypatch):
+    from mot.data import encode
+
+    calls = {"image": 0, "audio": 0, "text": 0}
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += len(args[0]) if kind == "text" else 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(encode, "decode_image", counted("image", encode.decode_image))
+    monkeypatch.setattr(encode, "load_audio", counted("audio", encode.load_audio))
+    text = FakeText()
+    text.encode_batch = counted("text", lambda texts: [FakeText().encode(t) for t in texts])
+    images = [_encoded(_pixels(16, 16)) for _ in range(3)]
+    wav = _wav(0.05)
+    _write_tar(tmp_path / "a.tar", [("s/0.png", images[0]), ("s/0.txt", b"one"), ("s/0.wav", wav),
+                                    ("s/1.png", images[1]), ("s/1.txt", b"two"),
+                                    ("s/2.png", images[2]), ("s/2.txt", b"one")])  # a caption twice
+    vocab = UnifiedVocab(tiny_config())
+    prepare(tmp_path / "a.tar", {"text": text, "image": FakeImage(), "speech": FakeSpeech()}, vocab,
+            tmp_path / "out", num_workers=0, shard_size=100, show_progress=False)
+    assert calls == {"image": 3, "audio": 1, "text": 2}  # not 6, 2 and 8: one decode per sample and caption
+    got = _read_shards(tmp_path / "out")
+    assert len(got) == 8
+    for key, image, caption in (("0", images[0], "one"), ("1", images[1], "two"), ("2", images[2], "one")):
+        np.testing.assert_array_equal(got[f"a/s/{key}#image-text"], _ref_ids([("image", image), ("text", caption)],
+                                                                             vocab))
+        np.testing.assert_array_equal(got[f"a/s/{key}#text-image"], _ref_ids([("text", caption), ("image", image)],
+                                                                             vocab))
+    np.testing.assert_array_equal(got["a/s/0#text-audio"], _ref_ids([("text", "one"), ("audio", wav)], vocab))
+
+
 def test_damaged_tars_keep_the_samples_before_the_damage(tmp_path):
     members = [(f"{i:03d}{ext}", data) for i in range(3)
                for ext, data in ((".png", _encoded(_pixels(8, 8))), (".txt", f"caption {i}".encode()))]

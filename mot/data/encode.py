@@ -248,14 +248,23 @@ class DocumentDecoder:
         has_text = "text" in self.by_segment
         doc_texts = [[s.text for s in d.segments if isinstance(s, TextSegment) and s.text] if has_text else []
                      for d in documents]
-        flat = iter(self._text_ids([t for texts in doc_texts for t in texts]))
-        text_ids = [[next(flat) for _ in texts] for texts in doc_texts]
+        # A captioned pair's two documents share their caption and their media segment: each is decoded and
+        # encoded once per chunk.
+        flat = [t for texts in doc_texts for t in texts]
+        if all(isinstance(t, str) for t in flat):
+            unique = list(dict.fromkeys(flat))
+            encoded = dict(zip(unique, self._text_ids(unique), strict=True))
+            text_ids = [[encoded[t] for t in texts] for texts in doc_texts]
+        else:  # a text that is no string fails its own document, in _text_ids
+            ids = iter(self._text_ids(flat))
+            text_ids = [[next(ids) for _ in texts] for texts in doc_texts]
         images: dict[tuple[int, int], list[torch.Tensor]] = {}
         features: list[torch.Tensor] = []
+        media: dict[int, tuple[tuple, int]] = {}  # id(segment) -> (part, size) of a document decoded already
         for doc, texts in zip(documents, text_ids, strict=True):
             marks = ({size: len(items) for size, items in images.items()}, len(features))
             try:
-                chunk.documents.append((doc.id, self._decode_document(doc, texts, images, features)))
+                chunk.documents.append((doc.id, self._decode_document(doc, texts, images, features, media)))
             except BadInput as err:
                 for size, items in images.items():  # drop what this document had added
                     del items[marks[0].get(size, 0):]
@@ -268,8 +277,12 @@ class DocumentDecoder:
                         "image_pixels": sum(len(v) * s[0] * s[1] for s, v in images.items())}
         return chunk
 
-    def _decode_document(self, doc: Document, texts: list, images: dict, features: list) -> list[tuple]:
+    def _decode_document(self, doc: Document, texts: list, images: dict, features: list,
+                         media: dict[int, tuple[tuple, int]]) -> list[tuple]:
+        """The document's parts; its media segments' parts go into `media` once the whole document is kept, for
+        other documents holding the same segment object (a pair's other order)."""
         parts: list[tuple] = []
+        mine: dict[int, tuple[tuple, int]] = {}
         total, content = 2, 0  # <bod> and <eod>
         texts = iter(texts)
         for segment in doc.segments:
@@ -286,6 +299,8 @@ class DocumentDecoder:
                 if isinstance(ids, BadInput):
                     raise ids
                 part, size = ("ids", kind, ids), ids.size
+            elif id(segment) in media:
+                part, size = media[id(segment)]
             elif kind == "image":
                 item = self._image(segment)
                 if isinstance(item, np.ndarray):
@@ -302,6 +317,8 @@ class DocumentDecoder:
                 else:
                     features.append(item)
                     part, size = ("audio", len(features) - 1), item.shape[0]
+            if kind != "text":
+                mine[id(segment)] = (part, size)
             if size == 0:
                 continue
             parts.append(part)
@@ -311,6 +328,7 @@ class DocumentDecoder:
                                          f"tokens ({total} after {content} of {len(doc.segments)} segments)")
         if not content:
             raise BadInput(EMPTY, f"document {doc.id!r}: no tokens (no segments, or only empty ones)")
+        media.update(mine)
         return parts
 
     # -- assemble

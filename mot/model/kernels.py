@@ -180,5 +180,7 @@ class ExpandTowerRows(torch.autograd.Function):
         # One-hot columns padded to a multiple of 8: with 3 towers the GEMM's operands are misaligned and cuBLAS
         # falls back to an old unaligned kernel (its cost: bench/NOTES.md).
         width = -(-ctx.n_towers // 8) * 8
-        sums = F.one_hot(tower, width).to(rows.dtype).transpose(0, 1) @ rows
+        # A comparison rather than F.one_hot, whose range check reads the GPU (a sync; train.cuda_graph's capture)
+        one_hot = tower[None, :] == torch.arange(width, device=tower.device, dtype=tower.dtype)[:, None]
+        sums = one_hot.to(rows.dtype) @ rows
         return sums[: ctx.n_towers].reshape(ctx.n_towers, *grad.shape[1:]), None

@@ -2,11 +2,14 @@
 
 Every process packs the same global stream (it is cheap: memory-mapped copies) and keeps its own rows of
 each global micro-batch, so a batch holds the same sequences whatever the number of devices and
-accumulation steps: a 2-GPU run sees exactly the data of a 1-GPU run with twice the accumulation.
+accumulation steps: a 2-GPU run sees exactly the data of a 1-GPU run with twice the accumulation. Under
+train.cuda_graph a thread packs the next micro-batches while the GPU replays the step (`Prefetched`).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 
 from mot.config import ConfigError, RunConfig
@@ -63,6 +66,86 @@ class RankSlice:
         batch = next(self.loader)
         rows = slice(self.rank * self.rows, (self.rank + 1) * self.rows)
         return PackedBatch(batch.tokens[rows], batch.modality[rows], batch.positions[rows], batch.document_ids[rows])
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
+class Prefetched:
+    """A RankSlice's micro-batches drawn up to `depth` ahead by a thread, for a step that leaves the host idle
+    while the GPU works (train.cuda_graph: the thread packs the next batches during the replay and the step's
+    one sync). `state_dict` is the loader's position after the last batch handed out, as without prefetching,
+    and `close` puts the loader back there."""
+
+    def __init__(self, batches: RankSlice, depth: int = 2):
+        self.batches, self.depth = batches, depth
+        self.position = batches.state_dict()
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(self.depth), threading.Event()
+            # The thread holds the batches, not this object: one dropped unclosed still stops (__del__).
+            self._thread = threading.Thread(target=_produce, args=(self.batches, self._queue, self._stop),
+                                            daemon=True, name="mot-prefetch")
+            self._thread.start()
+        batch, position = self._queue.get()
+        if isinstance(batch, BaseException):
+            self.close()
+            raise batch
+        self.position = position
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.position
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.batches.load_state_dict(state)
+        self.position = self.batches.state_dict()
+
+    def close(self) -> None:
+        """Stop the thread and put the loader back after the last batch handed out."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.batches.load_state_dict(self.position)
+
+    def __del__(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+def _produce(batches: RankSlice, out: queue.Queue, stop: threading.Event) -> None:
+    """Prefetched's thread: (batch, the loader's position after it) into `out` until `stop`; an error goes in as
+    the batch, for the consumer to raise."""
+    while not stop.is_set():
+        try:
+            item = (next(batches), batches.state_dict())
+        except BaseException as err:
+            item, stop_after = (err, None), True
+        else:
+            stop_after = False
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if stop_after:
+            return
 
 
 def build_loaders(cfg: RunConfig, shards: Path, vocab: UnifiedVocab, micro_batch: int, rank: int, world_size: int):

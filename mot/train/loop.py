@@ -118,6 +118,7 @@ def fit(state: TrainState, until: int | None = None, progress: bool = True) -> T
             if final or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
                 result.checkpoint = save_state(state)
     finally:
+        state.train_batches.close()  # a prefetching thread stops; the loader stays where the steps left it
         bar.close()
         if log is not None:
             log.close()

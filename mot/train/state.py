@@ -28,8 +28,9 @@ from mot.model import MoTTransformer
 from mot.model.block import MoTBlock
 from mot.objectives.ar import next_token_loss
 from mot.objectives.training import NextToken, build_objective
-from mot.train.data import RankSlice, build_loaders, ensure_prepared
+from mot.train.data import Prefetched, RankSlice, build_loaders, ensure_prepared
 from mot.train.freeze import Freezer
+from mot.train.graphed_step import MicroBatchGraph
 from mot.train.optim import build_optimizer, build_scheduler
 from mot.vocab import UnifiedVocab
 
@@ -58,7 +59,7 @@ class TrainState:
     objective: NextToken
     freezer: Freezer | None
     train_loader: PackedLoader
-    train_batches: RankSlice  # this process's rows of each global micro-batch
+    train_batches: RankSlice | Prefetched  # this process's rows of each global micro-batch
     eval_loader: PackedLoader | None
     eval_start: dict | None  # the eval loader's position at its start: every evaluation reads the same batches
     vocab: UnifiedVocab
@@ -78,6 +79,7 @@ class TrainState:
     skipped: int = 0
     skipped_in_row: int = 0
     step_flops: float = 0.0  # FLOPs of the last step (attention under its micro-batches' document masks)
+    graph: MicroBatchGraph | None = None  # under train.cuda_graph (mot/train/graphed_step.py)
     names: list[str] = field(default_factory=list)
 
     @property
@@ -93,11 +95,11 @@ class TrainState:
         """The counters, the schedule and the loader's position (the weights and optimizer are saved apart)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "wall_s": self.wall_s,
                 "skipped_steps": self.skipped, "flops_seen": self.flops_seen,
-                "scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "loader": self.train_batches.state_dict()}
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(meta["scheduler"])
-        self.train_loader.load_state_dict(meta["loader"])
+        self.train_batches.load_state_dict(meta["loader"])
         self.step, self.tokens_seen, self.wall_s = meta["step"], meta["tokens_seen"], meta["wall_s"]
         self.flops_seen = meta.get("flops_seen", self.tokens_seen * self.full_causal_flops_per_token)
         self.skipped = meta.get("skipped_steps", 0)
@@ -224,6 +226,9 @@ def build_state(cfg: RunConfig, where: str = "recipe", resume: str | bool | None
     model.to(acc.device)  # first, so that AdamW picks its fused kernel for the device
     sharded = cfg.train.distributed == "fsdp" and acc.num_processes > 1
     master_weights = _master_weights(cfg, acc, where)
+    if cfg.train.cuda_graph and (acc.device.type != "cuda" or acc.num_processes > 1):
+        raise ConfigError(f"{where}: train.cuda_graph runs on one CUDA device (here {acc.num_processes} process(es) "
+                          f"on {acc.device.type}); set it to false")
     if freezer is not None and sharded:
         raise ConfigError(f"{where}: train.freeze is not supported with train.distributed = 'fsdp' yet "
                           "(frozen rows of sharded gradients); use 'ddp'")
@@ -236,15 +241,21 @@ def build_state(cfg: RunConfig, where: str = "recipe", resume: str | bool | None
     model, optimizer = acc.prepare(model, optimizer)
 
     train_loader, eval_loader = build_loaders(cfg, shards, vocab, micro, acc.process_index, acc.num_processes)
+    train_batches = RankSlice(train_loader, acc.process_index, acc.num_processes)
+    if cfg.train.cuda_graph:  # the host idles during a replay: pack the next batches then
+        train_batches = Prefetched(train_batches)
     t = cfg.train
-    return TrainState(
+    state = TrainState(
         cfg=cfg, where=where, run_dir=run_dir, accelerator=acc, model=model, optimizer=optimizer,
         scheduler=scheduler, objective=objective, freezer=freezer, train_loader=train_loader,
-        train_batches=RankSlice(train_loader, acc.process_index, acc.num_processes), eval_loader=eval_loader,
+        train_batches=train_batches, eval_loader=eval_loader,
         eval_start=eval_loader.state_dict() if eval_loader is not None else None, vocab=vocab, micro=micro,
         accum=accum, master_weights=master_weights, sharded=sharded,
         flex=t.flex_attention is True or (t.flex_attention == "auto" and t.compile),
         peak=peak_flops(acc.device, t.peak_tflops), projection_flops=projection_flops_per_token(cfg.model),
         full_causal_flops_per_token=size_report(cfg.model, t.seq_len).flops_forward_backward_mixed,
         names=[m.name for m in cfg.model.modalities],
-    ), resume_from
+    )
+    if t.cuda_graph:  # captured at the first micro-batch
+        state.graph = MicroBatchGraph(state)
+    return state, resume_from

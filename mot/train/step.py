@@ -68,14 +68,17 @@ def train_step(state: TrainState) -> tuple[torch.Tensor, torch.Tensor, float, fl
     for micro in range(state.accum):
         batch = objective.host_batch(next(state.train_batches))
         pairs += objective.attention_pairs(batch)  # on the host: no sync
-        batch = batch.to(acc.device, non_blocking=True)
-        # Gradients are all-reduced once, on the last micro-batch.
-        sync = nullcontext() if micro == state.accum - 1 else acc.no_sync(state.model)
-        if state.sharded and state.cfg.train.fsdp_keep_gathered:
-            keep_gathered(state.model, micro, state.accum)
-        with sync:
-            micro_sum, micro_count = micro_batch_losses(state, batch)
-            acc.backward(objective.backward_scalar(micro_sum, micro_count, predictions, state.accum))
+        if state.graph is not None:  # forward and backward replayed as one CUDA graph
+            micro_sum, micro_count = state.graph(batch)
+        else:
+            batch = batch.to(acc.device, non_blocking=True)
+            # Gradients are all-reduced once, on the last micro-batch.
+            sync = nullcontext() if micro == state.accum - 1 else acc.no_sync(state.model)
+            if state.sharded and state.cfg.train.fsdp_keep_gathered:
+                keep_gathered(state.model, micro, state.accum)
+            with sync:
+                micro_sum, micro_count = micro_batch_losses(state, batch)
+                acc.backward(objective.backward_scalar(micro_sum, micro_count, predictions, state.accum))
         if state.master_weights and micro < state.accum - 1:
             state.inner_optimizer.stash_gradients()  # fp32 sums of the other bf16 gradients
         loss_sum += micro_sum.detach()
