@@ -171,7 +171,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "GPU, workers decode and the GPU encodes images and speech; for several GPUs run it under "
                     "`torchrun --nproc-per-node N -m mot.cli prepare ...`: one process per GPU, one manifest.")
     p.add_argument("--recipe", required=True, help="recipe whose model.modalities lay out the unified vocabulary")
-    p.add_argument("--data", required=True, help="a JSONL file or folder, .tar shards, parquet, or an HF dataset")
+    p.add_argument("--data", required=True, help="a JSONL file or folder, .tar shards, parquet, an HF dataset, or "
+                   "\"synthetic:KIND?samples=N&seed=S&...\" (mot/data/synthetic_source.py)")
     p.add_argument("--tokenizers", required=True, help="folder with one tokenizer folder per modality name")
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=None,

@@ -151,6 +151,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def members_of(kind: str, rng: np.random.Generator, task: dict[str, Any]) -> tuple[dict[str, bytes], float]:
+    """One sample's members by extension ({"png", "txt"[, "wav"]} or {"jpg", "json"}) and its audio seconds."""
+    if kind == "demo":
+        png, caption = demo_image(rng, task.get("image_size", 64))
+        members = {"png": png, "txt": caption.encode()}
+        if rng.random() < task.get("audio_fraction", 0.0):
+            seconds = float(rng.uniform(1.0, 3.0))
+            members["wav"] = wav_bytes(speech_like(rng, seconds))
+            return members, seconds
+        return members, 0.0
+    if kind == "scenes":
+        return sample_members(rng, task)
+    jpeg, caption = photo_like(rng, task.get("min_side", 480), task.get("max_side", 800), task.get("quality", 90))
+    return {"jpg": jpeg, "json": json.dumps({"caption": caption}).encode()}, 0.0
+
+
 def write_tar(task: dict[str, Any]) -> dict[str, Any]:
     """Write samples [first, first + count) of one kind into task["path"] (via a temporary name)."""
     kind, path, seed = task["kind"], Path(task["path"]), task["seed"]
@@ -159,35 +175,41 @@ def write_tar(task: dict[str, Any]) -> dict[str, Any]:
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for index in range(task["first"], task["first"] + task["count"]):
-            rng = _rng(seed, kind, index)
-            key = f"{index:09d}"
-            if kind == "demo":
-                png, caption = demo_image(rng, task.get("image_size", 64))
-                _add(tar, f"{key}.png", png)
-                _add(tar, f"{key}.txt", caption.encode())
-                if rng.random() < task.get("audio_fraction", 0.0):
-                    seconds = float(rng.uniform(1.0, 3.0))
-                    _add(tar, f"{key}.wav", wav_bytes(speech_like(rng, seconds)))
-                    counts["audio"] += 1
-                    counts["audio_seconds"] += seconds
-            elif kind == "scenes":
-
-                members, seconds = sample_members(rng, task)
-                for ext, data in members.items():
-                    _add(tar, f"{key}.{ext}", data)
-                counts["audio"] += "wav" in members
-                counts["audio_seconds"] += seconds
-            else:
-                jpeg, caption = photo_like(rng, task.get("min_side", 480), task.get("max_side", 800),
-                                           task.get("quality", 90))
-                _add(tar, f"{key}.jpg", jpeg)
-                _add(tar, f"{key}.json", json.dumps({"caption": caption}).encode())
+            members, seconds = members_of(kind, _rng(seed, kind, index), task)
+            for ext, data in members.items():
+                _add(tar, f"{index:09d}.{ext}", data)
+            counts["audio"] += "wav" in members
+            counts["audio_seconds"] += seconds
             counts["samples"] += 1
             counts["images"] += 1
     tmp.replace(path)
     counts["bytes"] = path.stat().st_size
     counts["seconds"] = time.perf_counter() - start
     return counts
+
+
+def tar_tasks(kind: str, out_dir: str | Path, samples: int, per_tar: int, seed: int,
+              options: dict[str, Any]) -> list[dict[str, Any]]:
+    """write_tar's tasks: samples [first, first + per_tar) into `{kind}-NNNNN.tar` under out_dir."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: choose from {list(KINDS)}")
+    if samples <= 0 or per_tar <= 0:
+        raise ValueError(f"samples ({samples}) and per_tar ({per_tar}) must be positive")
+    return [{"kind": kind, "path": str(Path(out_dir) / f"{kind}-{i:05d}.tar"), "first": first,
+             "count": min(per_tar, samples - first), "seed": seed, **options}
+            for i, first in enumerate(range(0, samples, per_tar))]
+
+
+def scenes_options(icon_dir: str | Path | None = None, icon_fraction: float = 0.2, audio_fraction: float = 0.25,
+                   speech_engine: str = "synthetic", speech_max_words: int = 24) -> dict[str, Any]:
+    """The scaling corpus's sample options (see mot.data.scenes.sample_members), the icon folder checked."""
+    options: dict[str, Any] = {"audio_fraction": audio_fraction, "speech": speech_engine,
+                               "speech_max_words": speech_max_words}
+    if icon_dir:
+        if not find_icons(icon_dir):
+            raise FileNotFoundError(f"{icon_dir}: no usable PNG icons (see mot.data.icons)")
+        options |= {"icon_dir": str(icon_dir), "icon_fraction": icon_fraction}
+    return options
 
 
 def write_shards(kind: str, out_dir: str | Path, samples: int, per_tar: int = 1000, workers: int = 1,
@@ -197,13 +219,8 @@ def write_shards(kind: str, out_dir: str | Path, samples: int, per_tar: int = 10
     max_side, quality (chameleon); audio_fraction, icon_dir, icon_fraction, speech (scenes). progress(done_tars,
     total_tars) is called as tars finish. One dict per tar, in order: path, samples, images, audio,
     audio_seconds, bytes, seconds."""
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: choose from {list(KINDS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [{"kind": kind, "path": str(out / f"{kind}-{i:05d}.tar"), "first": first,
-              "count": min(per_tar, samples - first), "seed": seed, **options}
-             for i, first in enumerate(range(0, samples, per_tar))]
+    tasks = tar_tasks(kind, out_dir, samples, per_tar, seed, options)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     results = []
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -226,10 +243,5 @@ def write_scenes(out_dir: str | Path, samples: int, per_tar: int = 5000, workers
     """Write the scaling corpus as `scenes-NNNNN.tar` under out_dir (see the module docstring); one dict per
     tar as synthetic_docs.write_shards returns. Measured per sample: a scene PNG ~330 bytes, an icon PNG
     ~3 kB, a caption ~230 bytes, audio ~290 kB (~9 s at 32 kB/s); docs/results/scaling/README.md has more."""
-    options: dict[str, Any] = {"audio_fraction": audio_fraction, "speech": speech_engine,
-                               "speech_max_words": speech_max_words}
-    if icon_dir:
-        if not find_icons(icon_dir):
-            raise FileNotFoundError(f"{icon_dir}: no usable PNG icons (see mot.data.icons)")
-        options |= {"icon_dir": str(icon_dir), "icon_fraction": icon_fraction}
+    options = scenes_options(icon_dir, icon_fraction, audio_fraction, speech_engine, speech_max_words)
     return write_shards("scenes", out_dir, samples, per_tar, workers, seed, progress, **options)
