@@ -2,7 +2,11 @@
 
     python3 bench/step.py [--dim 2048 --layers 16 --heads 16 --seq-len 4096 --micro-batch 4]
                           [--tokens-per-update 65536 262144] [--steps 5 --warmup 2] [--variants dense mot]
-                          [--json OUT] [--smoke]
+                          [--vocab chameleon|demo] [--cuda-graph off on] [--profile] [--json OUT] [--smoke]
+
+    # the scaling study's small models (issue 19): host-bound eager, against train.cuda_graph
+    python3 bench/step.py --dim 640 --layers 8 --heads 10 --seq-len 1024 --vocab demo \
+        --tokens-per-update 65536 --micro-batch 64 --cuda-graph off on --profile
 
 Each variant is a `Trainer` (mot/train/trainer.py) of a ~1B recipe (d=2048, 16 layers, Chameleon's 65,536-id
 vocabulary with 8,192 image codes and 500 speech units), with `mot train`'s GPU settings: bf16 with fp32 master
