@@ -96,6 +96,8 @@ def check_run_config(cfg: RunConfig, fail: Fail) -> None:
         if diffusion:
             fail("train.cuda_graph", f"needs fixed shapes; diffusion modalities {diffusion} vary the number of "
                                      "latent tokens per batch")
+    if t.check_routing and any(mod.is_diffusion for mod in m.modalities):
+        fail("train.check_routing", "checks autoregressive batches only (latent rows carry no token ids)")
     if t.keep_checkpoints < 1:
         fail("train.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
     d = cfg.data

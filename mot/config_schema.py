@@ -176,6 +176,9 @@ class TrainConfig:
     # Each micro-batch's forward and backward replayed as one CUDA graph (mot/train/graphed_step.py): for small
     # models, whose step the host's kernel launches bound. One CUDA process, compiled blocks, AR objectives.
     cuda_graph: bool = False
+    # Debug: per micro-batch, check on the device that every token reaches its own tower (a sync per micro-batch;
+    # mot/train/routing_check.py).
+    check_routing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched on several processes
     # FSDP: keep each block's gathered bf16 weights from the first forward of a step to its last backward (one
     # all-gather per step instead of two per micro-batch; costs 2 bytes per parameter per GPU). mot/train/sharding.py

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -25,6 +25,7 @@ from mot.train.data import RankSlice
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import MetricsLog
 from mot.train.optim import clip_gradients
+from mot.train.routing_check import check_routing
 from mot.train.sharding import keep_gathered
 from mot.train.state import TrainState
 
@@ -68,6 +69,9 @@ def train_step(state: TrainState) -> tuple[torch.Tensor, torch.Tensor, float, fl
     for micro in range(state.accum):
         batch = objective.host_batch(next(state.train_batches))
         pairs += objective.attention_pairs(batch)  # on the host: no sync
+        if state.cfg.train.check_routing:  # the route the step's model builds: host counts, or none in a graph
+            checked = batch if state.graph is None else replace(batch, tower_counts=None)
+            check_routing(acc.unwrap_model(state.model), checked.to(acc.device), state.step + 1, micro)
         if state.graph is not None:  # forward and backward replayed as one CUDA graph
             micro_sum, micro_count = state.graph(batch)
         else:

@@ -57,3 +57,15 @@ def test_a_cuda_graph_step_trains_as_the_eager_compiled_step(shards, tmp_path, f
                          for name, p in t.state.model.named_parameters()}
     for (name, a), b in zip(masters(eager).items(), masters(graph).values(), strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_every_token_reaches_its_own_tower_on_the_gpu_path(shards, tmp_path, fresh_accelerator_state, graph):
+    """train.check_routing on CUDA: host counts against the device's, and the route the step builds (host counts
+    eager, the device's own under a graph) checked per micro-batch; it must find nothing on real batches."""
+    cfg = run_config(shards, tmp_path / "r", seq_len=128, batch_size=8, micro_batch_size=4, steps=3, compile=True,
+                     cuda_graph=graph, check_routing=True, checkpoint_every=0, eval_every=0)
+    model = tiny_config(dim=64, n_heads=4, ffn_dim=128, max_seq_len=128, untie=["attn", "ffn", "norm"])
+    trainer = Trainer(dataclasses.replace(cfg, model=model), progress=False)
+    for _ in range(3):
+        trainer.update()
