@@ -413,6 +413,55 @@ def test_parquet_is_streamed_with_raw_binary_and_image_struct_columns(tmp_path):
     assert isinstance(mapped.dataset, datasets.Dataset) and mapped.size_hint() == 4
 
 
+def test_parquet_row_groups_read_by_the_workers_give_what_one_pass_gives(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mot.data.parquet_parts import ParquetPart
+
+    (tmp_path / "pairs").mkdir()
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for f, (start, stop) in enumerate(((0, 7), (7, 12))):
+        images = [{"bytes": _encoded(_pixels(16, 16)) if i != 3 else b"not an image", "path": None} for i in
+                  range(start, stop)]
+        images[-1] = {"bytes": None, "path": "missing.png"} if f == 1 else images[-1]  # a file that is not there
+        captions = [f"caption {i}" if i != 5 else None for i in range(start, stop)]  # row 5: no caption
+        pq.write_table(pa.table({"image": pa.array(images, struct), "caption": captions}),
+                       tmp_path / "pairs" / f"part-{f}.parquet", row_group_size=3)  # 3 + 3 + 1, then 3 + 2
+    source = open_documents(tmp_path / "pairs")
+    parts = source.parts()
+    assert [(p.path.name, p.row_group, p.first) for p in parts] == [
+        ("part-0.parquet", 0, 0), ("part-0.parquet", 1, 3), ("part-0.parquet", 2, 6),
+        ("part-1.parquet", 0, 7), ("part-1.parquet", 1, 10)]
+    with pytest.warns(UserWarning, match="file not found"):
+        one_pass = [(d.id, [getattr(s, "text", None) for s in d.segments]) for d in source]
+    skipped: list = []
+    from_parts = [(d.id, [getattr(s, "text", None) for s in d.segments]) for p in parts
+                  for d in p.read(lambda *why: skipped.append(why))]
+    assert from_parts == one_pass and [s[:2] for s in skipped] == [("row-000011#image-text", "missing_file"),
+                                                                   ("row-000011#text-image", "missing_file")]
+
+    vocab = UnifiedVocab(tiny_config())
+    toks = {"text": FakeText(), "image": FakeImage(), "speech": FakeSpeech()}
+    outputs = {}
+    for workers in (0, 2):
+        with pytest.warns(UserWarning):
+            prepare(tmp_path / "pairs", toks, vocab, tmp_path / f"out{workers}", num_workers=workers, shard_size=6,
+                    show_progress=False)
+        outputs[workers] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"out{workers}").iterdir())}
+    assert outputs[0] == outputs[2]
+    skipped = json.loads((tmp_path / "out2" / "skipped.json").read_text())["counts"]
+    assert skipped == {"corrupt_image": 2, "missing_file": 2}
+    assert len(_read_shards(tmp_path / "out2")) == 2 * (12 - 3)  # rows 3 (corrupt), 5 (no caption), 11 (missing)
+
+    # The main process reads no row: every part goes to the workers.
+    monkeypatch.setattr(ParquetPart, "read", lambda self, skip: (_ for _ in ()).throw(AssertionError("read here")))
+    with pytest.warns(UserWarning, match="file not found"):
+        prepare(tmp_path / "pairs", toks, vocab, tmp_path / "out_workers", num_workers=2, shard_size=6,
+                show_progress=False)
+    assert {p.name: p.read_bytes() for p in sorted((tmp_path / "out_workers").iterdir())} == outputs[2]
+
+
 # ---------------------------------------------------------------- resize policies and transparency
 
 

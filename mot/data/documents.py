@@ -17,7 +17,8 @@ A `Document` is an id and a list of segments. Sources (`mot.data.sources.open_do
   `[image, caption]` and `[caption, image]`, with ids `<row id>#image-text` and `<row id>#text-image`
   (audio: `#audio-text`, `#text-audio`); the part before `#` groups them, so a train/eval split keeps
   both orders of one pair on the same side. Parquet (a `.parquet` file or a folder of them) is streamed by
-  default: rows are read batch by batch from the files, with no Arrow copy written to the cache.
+  default: rows are read batch by batch from the files, with no Arrow copy written to the cache; under
+  `prepare`, each row group by a worker process (mot/data/parquet_parts.py).
 
 Readers only check that named files exist: a missing one gives a warning naming the row, and the document
 is skipped and counted (`source.skipped`). Images and audio (files, bytes, or tar members as `FileRange`s)
@@ -30,12 +31,13 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mot.data.media import BadInput, load_audio, load_image
+from mot.data.parquet_parts import parquet_parts
 
 __all__ = [
     "AudioSegment", "BadInput", "Document", "DocumentList", "DocumentSource", "HFDocuments", "ImageSegment",
@@ -258,6 +260,66 @@ def _load_hf(
     return ds, path.parent
 
 
+@dataclass(frozen=True)
+class RowReader:
+    """How a row of a `datasets` or parquet source becomes documents: a `segments` column, or captioned pairs.
+    Picklable: prepare's workers read parquet row groups with it (mot/data/parquet_parts.py)."""
+
+    description: str
+    segments_column: str | None
+    pairs: tuple[tuple[str, str, str], ...]  # (kind, media column, text column)
+    id_column: str
+    pair_orders: tuple[str, ...]
+    root: Path | None  # folder that relative paths are under
+
+    def media(self, kind: str, value: Any) -> Segment:
+        make = ImageSegment if kind == "image" else AudioSegment
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return make(data=value["bytes"])
+            if value.get("array") is not None:  # a decoded audio dict
+                return AudioSegment(data=value["array"], sample_rate=value.get("sampling_rate"))
+            value = value.get("path")
+        if isinstance(value, str | Path):
+            path = Path(value)
+            return make(path=path if path.is_absolute() or self.root is None else self.root / path)
+        if value is None:
+            raise ValueError(f"empty {kind} value")
+        return make(data=value)
+
+    def documents(self, row: dict, index: int) -> list[Document]:
+        base = str(row.get(self.id_column) or f"row-{index:06d}")
+        if self.segments_column:
+            segs = row[self.segments_column] or []
+            root = self.root or Path(".")
+            # Parquet gives every struct all keys; drop the None ones before parsing.
+            segs = [{k: v for k, v in s.items() if v is not None} if isinstance(s, dict) else s for s in segs]
+            return [Document(base, [_segment_from_dict(s, root) for s in segs])]
+        docs = []
+        for kind, media_col, text_col in self.pairs:
+            if row.get(media_col) is None or row.get(text_col) is None:
+                continue
+            media, text = self.media(kind, row[media_col]), TextSegment(str(row[text_col]))
+            docs += pair_documents(base, kind, media, text, self.pair_orders)
+        return docs
+
+    def read(self, rows: Iterable[dict], first: int, skip: Callable[[str, str, str], None]) -> Iterator[Document]:
+        """The documents of rows numbered from `first`; a bad row or a missing file goes to skip(id, reason,
+        detail)."""
+        for index, row in enumerate(rows, first):
+            try:
+                docs = self.documents(row, index)
+            except (ValueError, TypeError, AttributeError) as err:
+                skip(f"row-{index:06d}", BAD_ROW, f"{self.description}: row {index}: {err}")
+                continue
+            for doc in docs:
+                missing = _missing_files(doc)
+                if missing:
+                    skip(doc.id, MISSING_FILE, f"{self.description}: row {index}: file not found: {missing[0]}")
+                    continue
+                yield doc
+
+
 class HFDocuments(DocumentSource):
     """Documents from a local Hugging Face `datasets` source: a `segments` column, or captioned pairs.
 
@@ -313,52 +375,23 @@ class HFDocuments(DocumentSource):
                 ds = ds.cast_column(media, feature_type(decode=False))
         self.dataset, self.id_column, self.pair_orders = ds, id_column, pair_orders
         self._len = len(ds) if isinstance(ds, datasets.Dataset) else None
-
-    def _media(self, kind: str, value: Any) -> Segment:
-        make = ImageSegment if kind == "image" else AudioSegment
-        if isinstance(value, dict):
-            if value.get("bytes"):
-                return make(data=value["bytes"])
-            if value.get("array") is not None:  # a decoded audio dict
-                return AudioSegment(data=value["array"], sample_rate=value.get("sampling_rate"))
-            value = value.get("path")
-        if isinstance(value, str | Path):
-            path = Path(value)
-            return make(path=path if path.is_absolute() or self.root is None else self.root / path)
-        if value is None:
-            raise ValueError(f"empty {kind} value")
-        return make(data=value)
-
-    def _documents(self, row: dict, index: int) -> list[Document]:
-        base = str(row.get(self.id_column) or f"row-{index:06d}")
-        if self.segments_column:
-            segs = row[self.segments_column] or []
-            root = self.root or Path(".")
-            # Parquet gives every struct all keys; drop the None ones before parsing.
-            segs = [{k: v for k, v in s.items() if v is not None} if isinstance(s, dict) else s for s in segs]
-            return [Document(base, [_segment_from_dict(s, root) for s in segs])]
-        docs = []
-        for kind, media_col, text_col in self.pairs:
-            if row.get(media_col) is None or row.get(text_col) is None:
-                continue
-            media, text = self._media(kind, row[media_col]), TextSegment(str(row[text_col]))
-            docs += pair_documents(base, kind, media, text, self.pair_orders)
-        return docs
+        self.rows = RowReader(self.description, self.segments_column, tuple(self.pairs), id_column,
+                              tuple(pair_orders), self.root)
+        self._parquet = (source, split) if data_files is None and self._len is None and isinstance(source, str | Path) \
+            and _holds_parquet(Path(source)) else None
 
     def __iter__(self) -> Iterator[Document]:
         self.skipped = []
-        for index, row in enumerate(self.dataset):
-            try:
-                docs = self._documents(row, index)
-            except (ValueError, TypeError, AttributeError) as err:
-                self._skip(f"row-{index:06d}", BAD_ROW, f"{self.description}: row {index}: {err}")
-                continue
-            for doc in docs:
-                missing = _missing_files(doc)
-                if missing:
-                    self._skip(doc.id, MISSING_FILE, f"{self.description}: row {index}: file not found: {missing[0]}")
-                    continue
-                yield doc
+        yield from self.rows.read(self.dataset, 0, self._skip)
+
+    def parts(self) -> list | None:
+        """Streamed local parquet: one part per row group, read by prepare's workers (parquet_parts.py)."""
+        if self._parquet is None:
+            return None
+        try:
+            return parquet_parts(*self._parquet, self.rows)
+        except ValueError as err:
+            raise DocumentSourceError(str(err)) from err
 
     def size_hint(self) -> int | None:
         if self._len is None:  # streaming

@@ -16,6 +16,7 @@ A file that cannot be read or decoded raises `BadInput`, which prepare counts by
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def decode_image(
     try:
         image = _to_rgb(_open_pil(segment))
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise BadInput(CORRUPT_IMAGE, f"{_where(segment)}: cannot decode image: {err}") from err
+        # PIL names in-memory bytes by their repr, a memory address: the detail would differ by run
+        message = re.sub(r" <[^<>]* at 0x[0-9a-fA-F]+>", " (the image bytes)", str(err))
+        raise BadInput(CORRUPT_IMAGE, f"{_where(segment)}: cannot decode image: {message}") from err
     if resolution:
         image = _RESIZE[policy](image, resolution)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
