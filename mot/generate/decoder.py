@@ -10,9 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mot.generate.host import to_device
 from mot.model.io import ModelInputs, ModelOutput
 from mot.model.kv_cache import KVCache
-from mot.model.pattention import TowerPattention
-from mot.model.routing import TowerLinear
-from mot.model.transformer import MoTTransformer
+from mot.model.transformer import MoTTransformer, split_kernel_projections
 
 
 def varying_shapes():
@@ -53,7 +51,8 @@ class CachedDecoder:
         self._towers = cfg.n_modalities
         self.compiled = compile or cuda_graph  # the fixed-shape step
         self.cuda_graph = cuda_graph
-        self._mixed_capturable = cuda_graph and mixed_steps_capturable(model)
+        # Steps whose rows mix towers can be captured where the grouped matmul runs every tower projection.
+        self._mixed_capturable = cuda_graph and not split_kernel_projections(model, weight.dtype, weight.device)
         self._block: tuple | None = None  # the diffusion block's graph: (key, graph, static inputs, outputs)
         self._graphs: dict[tuple[int, ...] | None, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._step = model.decode_step
@@ -155,7 +154,7 @@ class CachedDecoder:
 
         With cuda_graph=True the passes of one block (the same slots, rows and shapes; only the latents and
         their times change) replay one CUDA graph, captured at the block's first pass, where the grouped matmul
-        runs the towers (`mixed_steps_capturable`)."""
+        runs the towers (`split_kernel_projections`)."""
         if not self._mixed_capturable:  # eager (a block's rows mix towers: placeholders and pads)
             with varying_shapes():
                 out = self._block_pass(tokens, positions, visible, latents, timesteps, advance)
@@ -195,15 +194,3 @@ class CachedDecoder:
         with torch.cuda.graph(graph):
             out = run()
         return graph, out
-
-
-def mixed_steps_capturable(model: MoTTransformer) -> bool:
-    """Whether a step whose rows mix towers runs without host syncs, so that it can be captured: the grouped
-    matmul runs every tower projection (split + matmul reads the slice sizes on the host)."""
-    for module in model.modules():
-        if not isinstance(module, TowerLinear | TowerPattention):
-            continue
-        weight = module.weight if isinstance(module, TowerLinear) else module.keys
-        if weight.shape[0] > 1 and not model.kernels.grouped(weight.new_empty(1, weight.shape[-1]), weight):
-            return False
-    return True

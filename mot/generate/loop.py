@@ -316,7 +316,7 @@ def generate(
                 states[i] = _through_span(rules, states[i], spec)
         cond = logits[:n]
         if config.guided:
-            in_span = to_device([s.in_span for s in states], device, torch.bool)[:, None]
+            in_span = as_tensor([s.in_span for s in states], torch.bool)[:, None]
             cond = torch.where(in_span, cond + (scale - 1) * (cond - logits[n:]), cond)
         allowed = rules.allowed(states, device)
         chosen = sample(cond.masked_fill(~allowed, float("-inf")), sampling, generator).tolist()

@@ -37,6 +37,27 @@ def rows_of(flat_modality: torch.Tensor, modality: int, count: int) -> torch.Ten
     return where
 
 
+def split_kernel_projections(model: MoTTransformer, dtype: torch.dtype, device: torch.device
+                             ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, weight shape) of each projection of several towers that would run on the split kernel with `dtype`
+    inputs on `device`: it reads the slice sizes on the host, which a CUDA graph cannot capture. Empty: the
+    grouped kernel runs them all."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, TowerLinear):
+            weights = [module.weight]
+        elif isinstance(module, TowerPattention):
+            weights = [module.keys, module.values.transpose(-2, -1)]
+        else:
+            continue
+        for weight in weights:
+            x = torch.empty(1, weight.shape[-1], dtype=dtype, device=device)
+            if weight.shape[0] > 1 and not model.kernels.grouped(x, torch.empty(weight.shape, dtype=dtype,
+                                                                                   device="meta")):
+                out.append((name, tuple(weight.shape[1:])))
+    return out
+
+
 class MoTTransformer(nn.Module):
     """The MoT model of a `ModelConfig` (dense: nothing untied).
 

@@ -31,8 +31,7 @@ import torch
 
 from mot.config import ConfigError
 from mot.data.loader import PackedBatch
-from mot.model.pattention import TowerPattention
-from mot.model.routing import TowerLinear
+from mot.model.transformer import split_kernel_projections
 
 
 class _EagerReplay:
@@ -68,24 +67,14 @@ class MicroBatchGraph:
         s = self.state
         model = s.accelerator.unwrap_model(s.model)
         dtype = torch.bfloat16 if s.accelerator.mixed_precision == "bf16" else torch.float32
-        for name, module in model.named_modules():
-            if isinstance(module, TowerLinear):
-                weights = [module.weight]
-            elif isinstance(module, TowerPattention):
-                weights = [module.keys, module.values.transpose(-2, -1)]
-            else:
-                continue
-            for weight in weights:
-                if weight.shape[0] == 1:
-                    continue
-                x = torch.empty(1, weight.shape[-1], dtype=dtype, device=s.accelerator.device)
-                if not model.kernels.grouped(x, torch.empty(weight.shape, dtype=dtype, device="meta")):
-                    raise ConfigError(
-                        f"{s.where}: train.cuda_graph: {name} would run its towers on the split kernel, which reads "
-                        "their sizes back from the GPU and cannot be captured; the grouped kernel needs bf16 "
-                        "precision on a Hopper or newer GPU, model.kernels 'auto' or 'grouped', and dimensions "
-                        f"that are multiples of 8 (here {dtype}, model.kernels {model.kernels.matmul!r}, "
-                        f"{tuple(weight.shape[1:])})")
+        split = split_kernel_projections(model, dtype, s.accelerator.device)
+        if split:
+            name, shape = split[0]
+            raise ConfigError(
+                f"{s.where}: train.cuda_graph: {name} would run its towers on the split kernel, which reads "
+                "their sizes back from the GPU and cannot be captured; the grouped kernel needs bf16 "
+                "precision on a Hopper or newer GPU, model.kernels 'auto' or 'grouped', and dimensions "
+                f"that are multiples of 8 (here {dtype}, model.kernels {model.kernels.matmul!r}, {shape})")
 
     # ------------------------------------------------------------ capture
 

@@ -34,7 +34,8 @@ def check_routing(model, batch: PackedBatch, step: int, micro: int) -> None:
     wrong = (expected != batch.modality).sum().item()
     if wrong:
         raise RoutingCheckError(f"{where}: {wrong} token(s) carry a modality id other than their token id's")
-    device_counts = torch.bincount(batch.modality.reshape(-1), minlength=n).cpu().tolist()
+    counts = torch.bincount(batch.modality.reshape(-1), minlength=n)
+    device_counts = counts.tolist()
     if batch.tower_counts is not None and list(batch.tower_counts) != device_counts:
         raise RoutingCheckError(f"{where}: host tower counts {list(batch.tower_counts)} but the device holds "
                                 f"{device_counts}")
@@ -46,8 +47,7 @@ def check_routing(model, batch: PackedBatch, step: int, micro: int) -> None:
         if not bool((flat == route.tower).all()):
             raise RoutingCheckError(f"{where}: routed as all tower {route.tower}, but holds {device_counts}")
         return
-    slices = torch.repeat_interleave(torch.arange(n, device=flat.device),
-                                     torch.tensor(device_counts, device=flat.device))
+    slices = torch.repeat_interleave(torch.arange(n, device=flat.device), counts)
     if not torch.equal(route.sorted_modality, slices) or not torch.equal(flat.index_select(0, route.order), slices):
         raise RoutingCheckError(f"{where}: a tower's slice of the sorted rows holds another tower's tokens "
                                 f"(counts {device_counts})")
