@@ -32,7 +32,7 @@ from mot.interop.cli import add_commands as add_interop_commands
 from mot.runs import CheckpointError
 from mot.serve.cli import add_commands as add_serve_commands
 from mot.tokenize.base import TokenizerError
-from mot.train.errors import NonFiniteError
+from mot.train.errors import NonFiniteError, TrainingStopped
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.toml"
 
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", help="finished run folders (runs/NAME); the dense one is the reference")
     p.add_argument("--recipe", default=None, help="train the dense and the MoT variant of this recipe first")
     p.add_argument("--out", default=None, help="output folder (default: compare/, or runs/NAME-compare)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true",
+                   help="with --recipe: continue each run from its latest checkpoint (a run stopped by SIGINT / "
+                        "SIGTERM saves one), start those not begun")
     p.add_argument("--overwrite", action="store_true", help="with --recipe: retrain runs that already exist")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="with --recipe: train both variants for each of these train.seed values; the report gives "
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingStopped as err:
+        print(f"mot: {err}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
 
     from mot.config import ConfigError
     from mot.flops import dense_baseline
+    from mot.runs import list_checkpoints
     from mot.train.trainer import train
 
     if cfg.model.is_dense:
@@ -220,8 +221,11 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
         for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
             variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
                                           train=dataclasses.replace(cfg.train, seed=seed))
-            print(f"mot compare: training {variant.name}")
-            folders.append(train(variant, where, resume=resume, overwrite=overwrite).run_dir)
+            # --resume continues each run from its checkpoints, and starts the runs that have none yet
+            started = list_checkpoints(Path(cfg.train.out_dir) / variant.name / "checkpoints")
+            resume_this = True if resume and started else None
+            print(f"mot compare: training {variant.name}" + (" (resumed)" if resume_this else ""))
+            folders.append(train(variant, where, resume=resume_this, overwrite=overwrite).run_dir)
     return folders
 
 

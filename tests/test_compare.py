@@ -143,3 +143,48 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
     assert report["bands"][0]["seeds"] == [0, 1] and report["runs"][1]["steady_step_ratio"] > 0
     table = (out / "compare.md").read_text()
     assert (out / "compare.png").is_file() and "FLOPs to match" in table and "Over seeds [0, 1]" in table
+
+
+@pytest.mark.parametrize("cut_run", ["tiny-dense", "tiny-mot"])
+def test_compare_recipe_stopped_by_a_signal_resumes_each_run_where_it_stopped(tmp_path, monkeypatch, cut_run):
+    """The GPU machine's 10-minute commands: `timeout -s INT` cuts `mot compare --recipe` in one of its runs;
+    the next `--resume` leaves a finished run alone, continues the cut one from its checkpoint, starts the
+    one not begun, and gives the curves of an uncut comparison."""
+    import os
+    import signal
+
+    from mot.cli import main
+    from mot.train import loop
+    from mot.train.metrics_log import read_log
+
+    shards = make_shards(tmp_path / "shards")
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    for where in (straight, cut):
+        where.mkdir()
+        write_recipe(where / "tiny.toml", run_config(shards, where / "runs", steps=6, eval_every=3,
+                                                     checkpoint_every=0))
+    assert main(["compare", "--recipe", str(straight / "tiny.toml")]) == 0
+
+    real_update = loop.update
+
+    def signalled(state, log):
+        out = real_update(state, log)
+        if state.cfg.name == cut_run and state.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop, "update", signalled)
+    assert main(["compare", "--recipe", str(cut / "tiny.toml")]) == 130
+    assert not (cut / "runs" / "tiny-compare").exists()
+    assert (cut / "runs" / "tiny-mot").exists() == (cut_run == "tiny-mot")
+    dense_log = (cut / "runs" / "tiny-dense" / "log.jsonl").read_text()
+    monkeypatch.setattr(loop, "update", real_update)
+    assert main(["compare", "--recipe", str(cut / "tiny.toml"), "--resume"]) == 0
+    if cut_run == "tiny-mot":
+        assert (cut / "runs" / "tiny-dense" / "log.jsonl").read_text() == dense_log  # not trained again
+    for name in ("tiny-dense", "tiny-mot"):
+        a, b = (read_log(w / "runs" / name / "log.jsonl") for w in (straight, cut))
+        assert [r["step"] for r in b if r["kind"] == "eval"] == [3, 6]
+        assert [r["loss"] for r in a if r["kind"] == "eval"] == [r["loss"] for r in b if r["kind"] == "eval"]
+    report = json.loads((cut / "runs" / "tiny-compare" / "compare.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["tiny-dense", "tiny-mot"]

@@ -22,7 +22,7 @@ from mot import runs
 from mot.config import TrainConfig, config_from_dict, config_to_dict
 from mot.model import ModelInputs
 from mot.train import checkpoint as ckpt
-from mot.train.errors import NonFiniteError
+from mot.train.errors import NonFiniteError, TrainingStopped
 from mot.train.metrics_log import read_log
 from mot.train.optim import clip_gradients, lr_factor, parameter_groups
 from mot.train.step import device_batch, micro_batch_losses
@@ -204,6 +204,41 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = read_log(second_half.run_dir / "log.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues_exactly(shards, tmp_path,
+                                                                                    monkeypatch, signum):
+    straight = train(run_config(shards, tmp_path / "straight", steps=8, checkpoint_every=4, log_every=2),
+                     progress=False)
+    cut = run_config(shards, tmp_path / "cut", steps=8, checkpoint_every=4, log_every=2)
+    from mot.train import loop
+
+    real_update = loop.update
+
+    def signalled(state, log):  # `timeout -s INT` arriving during the third step
+        out = real_update(state, log)
+        if state.step == 3:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(loop, "update", signalled)
+    with pytest.raises(TrainingStopped, match=rf"stopped by {signal.Signals(signum).name} after step 3 of 8") as err:
+        train(cut, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    assert err.value.result.checkpoint.name == "step-0000003"
+    assert [p.name for p in runs.list_checkpoints(tmp_path / "cut" / "tiny" / "checkpoints")] == ["step-0000003"]
+    summary = json.loads((tmp_path / "cut" / "tiny" / "summary.json").read_text())
+    assert (summary["step"], summary["steps"]) == (3, 8)
+    monkeypatch.setattr(loop, "update", real_update)
+    rest = train(cut, resume=True, progress=False)
+    assert err.value.result.losses + rest.losses == straight.losses  # bit for bit
+    a = load_file(straight.checkpoint / "model.safetensors")
+    b = load_file(rest.checkpoint / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [r for r in read_log(rest.run_dir / "log.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 8]  # the stop logged its partial window (step 3 alone)
+    assert rows[1]["loss"] == pytest.approx(straight.losses[2])
 
 
 def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp_path):

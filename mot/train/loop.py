@@ -3,6 +3,10 @@ summary.json at the end.
 
     result = fit(state)    # up to train.steps (the schedule always spans train.steps)
 
+SIGINT or SIGTERM (`timeout -s INT`, a job scheduler's notice) stops the loop after the step in flight, with a
+checkpoint and the summary written, then raises `TrainingStopped`: `mot train --resume` continues on the same
+curve. A second signal stops at once. With several processes they agree at the next log step.
+
 A log row (log.jsonl, TensorBoard) averages the steps since the last one: weighted and per-modality loss,
 learning rate, gradient norm, tokens/s, step time, MFU on a GPU (the steps' FLOPs with attention under each
 batch's document mask; `mfu_full_causal` counts attention over the whole row) and the run's counters.
@@ -11,6 +15,8 @@ batch's document mask; `mfu_full_causal` counts attention over the whole row) an
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mot.train.errors import TrainingStopped
 from mot.train.metrics_log import MetricsLog, plot_loss_curves
 from mot.train.state import TrainState
 from mot.train.state_io import save_state
@@ -35,6 +42,7 @@ class TrainResult:
     plot: Path | None = None
     losses: list[float] = field(default_factory=list)  # weighted loss of every step this process ran
     skipped_steps: int = 0
+    stopped_by: int | None = None  # the signal that stopped the run before `until` (see StopSignal)
 
 
 class Window:
@@ -79,8 +87,55 @@ def postfix(row: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class StopSignal:
+    """Notes SIGINT / SIGTERM while the loop runs, so that it can stop between steps; a second one raises
+    KeyboardInterrupt. Outside the main thread (a notebook's worker) signals are left alone."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+
+def should_stop(state: TrainState, stop: StopSignal, at_log_step: bool) -> bool:
+    """One process: as soon as a signal came. Several: at log steps, if any process got one (a collective, so
+    every process stops after the same step)."""
+    acc = state.accelerator
+    if acc.num_processes == 1:
+        return stop.received is not None
+    if not at_log_step:
+        return False
+    flag = torch.tensor([float(stop.received is not None)], device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+
 def fit(state: TrainState, until: int | None = None, progress: bool = True) -> TrainResult:
     """Train up to step `until` (default train.steps; the schedule always spans train.steps)."""
+    with StopSignal() as stop:
+        result = _fit(state, until, progress, stop)
+    if result.stopped_by is not None:
+        raise TrainingStopped(f"{state.cfg.name}: stopped by {signal.Signals(result.stopped_by).name} after step "
+                              f"{result.step} of {state.cfg.train.steps}; checkpoint {result.checkpoint}. "
+                              "Continue with --resume.", result)
+    return result
+
+
+def _fit(state: TrainState, until: int | None, progress: bool, stop: StopSignal) -> TrainResult:
     t, acc = state.cfg.train, state.accelerator
     until = t.steps if until is None else min(until, t.steps)
     main = acc.is_main_process
@@ -102,21 +157,26 @@ def fit(state: TrainState, until: int | None = None, progress: bool = True) -> T
                            state.step_flops)
             bar.update(1)
 
-            if main and window.steps and (state.step % max(t.log_every, 1) == 0 or state.step == until):
+            final = state.step == until
+            log_step = state.step % max(t.log_every, 1) == 0 or final
+            stopping = not final and should_stop(state, stop, log_step)
+            if main and window.steps and (log_step or stopping):  # a stop logs its partial window
                 row = train_row(state, window, step.lr, step.grad_norm)
                 log.write("train", state.step, row)
                 result.train_loss = {k: v for k, v in row.items() if k.startswith("loss")}
                 bar.set_postfix(postfix(row), refresh=False)
                 window = Window(len(state.names))
-            final = state.step == until
             if final or (t.eval_every and state.step % t.eval_every == 0):
                 evaluation = evaluate(state)
                 if main and evaluation:
                     log.write("eval", state.step, {**evaluation, **counters(state)})
                     result.eval_loss = {k: v for k, v in evaluation.items() if k.startswith("loss")}
                     plot_loss_curves(log.path, state.run_dir / "loss_curves.png", state.cfg.name)
-            if final or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
+            if final or stopping or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
                 result.checkpoint = save_state(state)
+            if stopping:
+                result.stopped_by = stop.received or signal.SIGTERM  # another process's signal
+                break
     finally:
         state.train_batches.close()  # a prefetching thread stops; the loader stays where the steps left it
         bar.close()
@@ -125,7 +185,7 @@ def fit(state: TrainState, until: int | None = None, progress: bool = True) -> T
     if main:
         result.plot = plot_loss_curves(state.run_dir / "log.jsonl", state.run_dir / "loss_curves.png",
                                        state.cfg.name)
-        summary = {"step": state.step, "train": result.train_loss, "eval": result.eval_loss,
+        summary = {"step": state.step, "steps": t.steps, "train": result.train_loss, "eval": result.eval_loss,
                    "skipped_steps": state.skipped, **counters(state),
                    "checkpoint": str(result.checkpoint), "plot": str(result.plot)}
         (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 19's runs on the one-GPU machine, in phases that each fit a 10-minute command; the machine keeps its
+# disk (data/, runs/) while calls follow each other, so a later phase resumes where the last one stopped.
+#
+#   bash recipes/scaling/h200.sh data               # icons, the corpus BPE, prepare SAMPLES samples (resumes)
+#   bash recipes/scaling/h200.sh train 0 1 2        # dense and MoT per seed (resumes; SIGINT checkpoints)
+#   bash recipes/scaling/h200.sh compare 0 1 2      # the report over the finished runs
+#   bash recipes/scaling/h200.sh collect DIR        # logs, summaries, plots and the report into DIR
+#
+# Knobs (environment): RECIPE (recipes/scaling/scenes_10m.toml), SAMPLES (1050000), DATA_S and TRAIN_S (the
+# phase's time limit in seconds: past it the phase stops cleanly, to be continued by the next call),
+# PREPARE_PROCS (2 prepare processes sharing DEVICE, cuda:0) and WORKERS (7 decode workers each), TRAIN_ARGS
+# (recipe overrides, e.g. "--train.steps=4" for a try on the CPU). The icon theme comes as
+# data/debs/oxygen-icon-theme_*.deb (docs/results/scaling/README.md says how to fetch it; carry data/debs).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RECIPE=${RECIPE:-recipes/scaling/scenes_10m.toml}
+NAME=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")
+SAMPLES=${SAMPLES:-1050000}
+ICONS=data/icons/usr/share/icons/oxygen/base
+TOK=data/scaling/tok
+SHARDS=data/scaling/scenes
+MOT=(python3 -m mot.cli)
+phase=${1:?phase: data, train, compare or collect}
+shift
+
+case "$phase" in
+data)
+  if [ ! -d "$ICONS" ]; then
+    dpkg -x data/debs/oxygen-icon-theme_*.deb data/icons
+  fi
+  source="synthetic:scenes?seed=0&audio_fraction=0&icon_dir=$ICONS"
+  if [ ! -f "$TOK/text/tokenizer.json" ]; then
+    # the BPE is fit to samples of another seed, which no run trains or evaluates on
+    "${MOT[@]}" tokenizer train text --data "synthetic:scenes?samples=4000&seed=99&audio_fraction=0&icon_dir=$ICONS" \
+      --config tokenizers/text_demo.toml --out "$TOK/text"
+    cp -r tokenizers/demo/image "$TOK/"
+  fi
+  timeout -s INT "${DATA_S:-540}" python3 -m torch.distributed.run --standalone --nproc-per-node "${PREPARE_PROCS:-2}" -m mot.cli prepare \
+    --recipe "$RECIPE" --tokenizers "$TOK" --out "$SHARDS" --device "${DEVICE:-cuda:0}" --workers "${WORKERS:-7}" \
+    --data "synthetic:scenes?samples=$SAMPLES&seed=0&audio_fraction=0&icon_dir=$ICONS"
+  ;;
+train)
+  timeout -s INT "${TRAIN_S:-560}" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume ${TRAIN_ARGS:-}
+  ;;
+compare)
+  folders=()
+  for seed in "$@"; do
+    suffix=$([ $# -gt 1 ] && echo "-s$seed" || true)
+    folders+=("runs/$NAME-dense$suffix" "runs/$NAME-mot$suffix")
+  done
+  "${MOT[@]}" compare "${folders[@]}" --out "runs/$NAME-compare"
+  ;;
+collect)
+  out=${1:?collect DIR}
+  mkdir -p "$out"
+  for run in runs/"$NAME"-*; do
+    [ -d "$run" ] || continue
+    mkdir -p "$out/$(basename "$run")"
+    for f in log.jsonl summary.json config.json loss_curves.png compare.png compare.md compare.json; do
+      if [ -f "$run/$f" ]; then cp "$run/$f" "$out/$(basename "$run")/"; fi
+    done
+    # the latest checkpoint's meta: the loader's epoch and cursor show how much of the corpus was read
+    for meta in "$run"/checkpoints/step-*/meta.json; do
+      if [ -f "$meta" ]; then cp "$meta" "$out/$(basename "$run")/checkpoint_meta.json"; fi
+    done
+  done
+  for f in manifest.json prepare.json skipped.json; do
+    if [ -f "$SHARDS/$f" ]; then cp "$SHARDS/$f" "$out/shards_$f"; fi
+  done
+  ;;
+*)
+  echo "unknown phase $phase: data, train, compare or collect" >&2
+  exit 2
+  ;;
+esac
