@@ -210,22 +210,26 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
     from mot.config import ConfigError
     from mot.flops import dense_baseline
     from mot.runs import list_checkpoints
+    from mot.train.loop import StopSignal
     from mot.train.trainer import train
 
     if cfg.model.is_dense:
         raise ConfigError(f"{where}: model.untie is empty: the recipe is already the dense baseline")
     seeds = seeds or [cfg.train.seed]
     folders = []
-    for seed in seeds:
-        suffix = f"-s{seed}" if len(seeds) > 1 else ""
-        for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
-            variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
-                                          train=dataclasses.replace(cfg.train, seed=seed))
-            # --resume continues each run from its checkpoints, and starts the runs that have none yet
-            started = list_checkpoints(Path(cfg.train.out_dir) / variant.name / "checkpoints")
-            resume_this = True if resume and started else None
-            print(f"mot compare: training {variant.name}" + (" (resumed)" if resume_this else ""))
-            folders.append(train(variant, where, resume=resume_this, overwrite=overwrite).run_dir)
+    with StopSignal() as stop:  # a signal during one run's last step stops the next one from starting
+        for seed in seeds:
+            suffix = f"-s{seed}" if len(seeds) > 1 else ""
+            for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
+                variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
+                                              train=dataclasses.replace(cfg.train, seed=seed))
+                if stop.received is not None:
+                    raise stop.stopped(f"training {variant.name}")
+                # --resume continues each run from its checkpoints, and starts the runs that have none yet
+                started = list_checkpoints(Path(cfg.train.out_dir) / variant.name / "checkpoints")
+                resume_this = True if resume and started else None
+                print(f"mot compare: training {variant.name}" + (" (resumed)" if resume_this else ""))
+                folders.append(train(variant, where, resume=resume_this, overwrite=overwrite).run_dir)
     return folders
 
 

@@ -88,28 +88,41 @@ def postfix(row: dict[str, Any]) -> dict[str, str]:
 
 
 class StopSignal:
-    """Notes SIGINT / SIGTERM while the loop runs, so that it can stop between steps; a second one raises
-    KeyboardInterrupt. Outside the main thread (a notebook's worker) signals are left alone."""
+    """Notes SIGINT / SIGTERM while training runs, so that it can stop between steps; a second one raises
+    KeyboardInterrupt. Nested uses share one note (signals are per process): a signal that comes during a
+    run's last step, or between the runs of `mot compare --recipe`, still stops what follows. Outside the main
+    thread (a notebook's worker) signals are left alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+    _depth = 0
+    _previous: dict[int, Any] = {}
+    received: int | None = None
 
     def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        if StopSignal._depth == 0:
+            StopSignal.received = None
+            if threading.current_thread() is threading.main_thread():
+                StopSignal._previous = {s: signal.signal(s, StopSignal._note) for s in self.SIGNALS}
+        StopSignal._depth += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        StopSignal._depth -= 1
+        if StopSignal._depth == 0:
+            for sig, handler in StopSignal._previous.items():
+                signal.signal(sig, handler)
+            StopSignal._previous = {}
 
-    def _note(self, signum: int, frame) -> None:
-        if self.received is not None:
+    @staticmethod
+    def _note(signum: int, frame) -> None:
+        if StopSignal.received is not None:
             raise KeyboardInterrupt
-        self.received = signum
+        StopSignal.received = signum
+
+    def stopped(self, what: str) -> TrainingStopped:
+        """The error for a stop noted before `what` began."""
+        return TrainingStopped(f"stopped by {signal.Signals(self.received).name} before {what}. "
+                               "Continue with --resume.")
 
 
 def should_stop(state: TrainState, stop: StopSignal, at_log_step: bool) -> bool:
