@@ -5,7 +5,10 @@
 #   bash recipes/scaling/h200.sh data               # icons, the corpus BPE, prepare SAMPLES samples (resumes)
 #   bash recipes/scaling/h200.sh train 0 1 2        # dense and MoT per seed (resumes; SIGINT checkpoints)
 #   bash recipes/scaling/h200.sh compare 0 1 2      # the report over the finished runs
-#   bash recipes/scaling/h200.sh collect DIR        # logs, summaries, plots and the report into DIR
+#   bash recipes/scaling/h200.sh collect DIR[.tgz]  # logs, summaries, plots and the report into DIR (or one tarball)
+#
+# The device returns at most 8 files and drops the machine (and its disk) 30 s after a call ends: `train` ends
+# by writing $OUT/scaling_runs.tgz whatever happened, and the next call has to be issued at once.
 #
 # Knobs (environment): RECIPE (recipes/scaling/scenes_10m.toml), SAMPLES (1050000), DATA_S and TRAIN_S (the
 # phase's time limit in seconds: past it the phase stops cleanly, to be continued by the next call),
@@ -41,7 +44,12 @@ data)
     --data "synthetic:scenes?samples=$SAMPLES&seed=0&audio_fraction=0&icon_dir=$ICONS"
   ;;
 train)
-  timeout -s INT "${TRAIN_S:-560}" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume ${TRAIN_ARGS:-}
+  # SIGINT at TRAIN_S checkpoints the run in flight; SIGKILL 60 s later if it does not end
+  rc=0
+  timeout -s INT -k 60 "${TRAIN_S:-520}" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume \
+    ${TRAIN_ARGS:-} || rc=$?
+  if [ -n "${OUT:-}" ]; then bash "$0" collect "$OUT/scaling_runs.tgz"; fi
+  exit $rc
   ;;
 compare)
   folders=()
@@ -52,7 +60,14 @@ compare)
   "${MOT[@]}" compare "${folders[@]}" --out "runs/$NAME-compare"
   ;;
 collect)
-  out=${1:?collect DIR}
+  out=${1:?collect DIR or DIR.tgz}
+  if [[ "$out" == *.tgz ]]; then
+    staging=$(mktemp -d)
+    bash "$0" collect "$staging/scaling"
+    tar czf "$out" -C "$staging" scaling
+    rm -rf "$staging"
+    exit 0
+  fi
   mkdir -p "$out"
   for run in runs/"$NAME"-*; do
     [ -d "$run" ] || continue
