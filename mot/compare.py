@@ -206,6 +206,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
     untied parameters differ); their run folders. Run names: NAME-dense, NAME-mot (NAME-dense-s1, ... with
     several seeds)."""
     import dataclasses
+    import os
 
     from mot.config import ConfigError
     from mot.flops import dense_baseline
@@ -217,19 +218,29 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
         raise ConfigError(f"{where}: model.untie is empty: the recipe is already the dense baseline")
     seeds = seeds or [cfg.train.seed]
     folders = []
+    # One process checks for a stop between runs; several agree inside the next run, at its first log step
+    # (each process may have seen the signal at another moment, and none may start a run the others skip).
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with StopSignal() as stop:  # a signal during one run's last step stops the next one from starting
         for seed in seeds:
             suffix = f"-s{seed}" if len(seeds) > 1 else ""
             for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
                 variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
                                               train=dataclasses.replace(cfg.train, seed=seed))
-                if stop.received is not None:
+                run_dir = Path(cfg.train.out_dir) / variant.name
+                saved = list_checkpoints(run_dir / "checkpoints")
+                if resume and saved and int(saved[-1].name[5:]) >= cfg.train.steps:
+                    print(f"mot compare: {variant.name} is finished")
+                    folders.append(run_dir)
+                    continue
+                if single and stop.received is not None:
                     raise stop.stopped(f"training {variant.name}")
-                # --resume continues each run from its checkpoints, and starts the runs that have none yet
-                started = list_checkpoints(Path(cfg.train.out_dir) / variant.name / "checkpoints")
-                resume_this = True if resume and started else None
+                # --resume continues each run from its checkpoints, and starts again those that have none (a
+                # run cut before its first checkpoint leaves only a log)
+                resume_this = True if resume and saved else None
+                again = overwrite or bool(resume and not saved and run_dir.exists())
                 print(f"mot compare: training {variant.name}" + (" (resumed)" if resume_this else ""))
-                folders.append(train(variant, where, resume=resume_this, overwrite=overwrite).run_dir)
+                folders.append(train(variant, where, resume=resume_this, overwrite=again).run_dir)
     return folders
 
 

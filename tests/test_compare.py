@@ -145,14 +145,18 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
     assert (out / "compare.png").is_file() and "FLOPs to match" in table and "Over seeds [0, 1]" in table
 
 
-@pytest.mark.parametrize(("cut_run", "cut_step"), [("tiny-dense", 2), ("tiny-mot", 2), ("tiny-dense", 6)])
+@pytest.mark.parametrize(("cut_run", "cut_step", "killed"),
+                         [("tiny-dense", 2, False), ("tiny-mot", 2, False), ("tiny-dense", 6, False),
+                          ("tiny-mot", 2, True)])
 def test_compare_recipe_stopped_by_a_signal_resumes_each_run_where_it_stopped(tmp_path, monkeypatch, cut_run,
-                                                                             cut_step):
+                                                                             cut_step, killed):
     """The GPU machine's 10-minute commands: `timeout -s INT` cuts `mot compare --recipe` in one of its runs
     (or in a run's last step: the next run must not start, or it would run past the time limit); the next
-    `--resume` leaves a finished run alone, continues the cut one from its checkpoint, starts the one not
-    begun, and gives the curves of an uncut comparison."""
+    `--resume` leaves a finished run alone (its summary too), continues the cut one from its checkpoint,
+    starts the one not begun, starts again one killed before its first checkpoint (its log is not appended
+    to), and gives the curves of an uncut comparison."""
     import os
+    import shutil
     import signal
 
     from mot.cli import main
@@ -180,6 +184,8 @@ def test_compare_recipe_stopped_by_a_signal_resumes_each_run_where_it_stopped(tm
     assert not (cut / "runs" / "tiny-compare").exists()
     assert (cut / "runs" / "tiny-mot").exists() == (cut_run == "tiny-mot")
     dense_log = (cut / "runs" / "tiny-dense" / "log.jsonl").read_text()
+    if killed:  # as if killed before its first checkpoint: a log and no checkpoint
+        shutil.rmtree(cut / "runs" / cut_run / "checkpoints")
     monkeypatch.setattr(loop, "update", real_update)
     assert main(["compare", "--recipe", str(cut / "tiny.toml"), "--resume"]) == 0
     if cut_run == "tiny-mot" or cut_step == 6:
@@ -187,6 +193,9 @@ def test_compare_recipe_stopped_by_a_signal_resumes_each_run_where_it_stopped(tm
     for name in ("tiny-dense", "tiny-mot"):
         a, b = (read_log(w / "runs" / name / "log.jsonl") for w in (straight, cut))
         assert [r["step"] for r in b if r["kind"] == "eval"] == [3, 6]
+        assert [r["step"] for r in b if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
         assert [r["loss"] for r in a if r["kind"] == "eval"] == [r["loss"] for r in b if r["kind"] == "eval"]
+        summary = json.loads((cut / "runs" / name / "summary.json").read_text())
+        assert (summary["step"], summary["steps"]) == (6, 6) and summary["eval"]["loss"] == b[-1]["loss"]
     report = json.loads((cut / "runs" / "tiny-compare" / "compare.json").read_text())
     assert [r["name"] for r in report["runs"]] == ["tiny-dense", "tiny-mot"]

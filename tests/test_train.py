@@ -225,7 +225,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues_ex
     monkeypatch.setattr(loop, "update", signalled)
     with pytest.raises(TrainingStopped, match=rf"stopped by {signal.Signals(signum).name} after step 3 of 8") as err:
         train(cut, progress=False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handlers are gone
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert err.value.result.checkpoint.name == "step-0000003"
     assert [p.name for p in runs.list_checkpoints(tmp_path / "cut" / "tiny" / "checkpoints")] == ["step-0000003"]
     summary = json.loads((tmp_path / "cut" / "tiny" / "summary.json").read_text())
@@ -239,6 +240,25 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues_ex
     rows = [r for r in read_log(rest.run_dir / "log.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [2, 3, 4, 6, 8]  # the stop logged its partial window (step 3 alone)
     assert rows[1]["loss"] == pytest.approx(straight.losses[2])
+
+
+def test_stop_signal_is_one_request_until_a_later_second_signal_interrupts(monkeypatch):
+    from mot.train.loop import StopSignal
+
+    before = {s: signal.getsignal(s) for s in StopSignal.SIGNALS}
+    with StopSignal() as outer:
+        with StopSignal():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert outer.received == signal.SIGTERM  # nested uses share the note
+        os.kill(os.getpid(), signal.SIGINT)  # at once: a launcher forwarding the same request to its workers
+        assert outer.received == signal.SIGTERM
+        monkeypatch.setattr(StopSignal, "REPEAT_S", -1.0)  # now as if seconds later: stop at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here at the latest
+    assert {s: signal.getsignal(s) for s in StopSignal.SIGNALS} == before
+    with StopSignal() as fresh:  # a new use starts with no note
+        assert fresh.received is None
 
 
 def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp_path):

@@ -88,36 +88,45 @@ def postfix(row: dict[str, Any]) -> dict[str, str]:
 
 
 class StopSignal:
-    """Notes SIGINT / SIGTERM while training runs, so that it can stop between steps; a second one raises
-    KeyboardInterrupt. Nested uses share one note (signals are per process): a signal that comes during a
-    run's last step, or between the runs of `mot compare --recipe`, still stops what follows. Outside the main
-    thread (a notebook's worker) signals are left alone."""
+    """Notes SIGINT / SIGTERM while training runs, so that it can stop between steps; a second one, a second or
+    more after the first, raises KeyboardInterrupt (a launcher that forwards the signal it got to its workers
+    delivers it twice at once: that counts as one). Nested uses share one note (signals are per process): a
+    signal that comes during a run's last step, or between the runs of `mot compare --recipe`, still stops
+    what follows. Outside the main thread (a notebook's worker) signals are left alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 1.0  # a signal this soon after the first is the same request
     _depth = 0
     _previous: dict[int, Any] = {}
     received: int | None = None
+    _received_at = 0.0
 
     def __enter__(self) -> StopSignal:
         if StopSignal._depth == 0:
             StopSignal.received = None
             if threading.current_thread() is threading.main_thread():
-                StopSignal._previous = {s: signal.signal(s, StopSignal._note) for s in self.SIGNALS}
+                for sig in self.SIGNALS:
+                    previous = signal.signal(sig, StopSignal._note)
+                    if previous is not StopSignal._note:  # a handler left behind by an interrupted exit
+                        StopSignal._previous[sig] = previous
         StopSignal._depth += 1
         return self
 
     def __exit__(self, *exc) -> None:
         StopSignal._depth -= 1
         if StopSignal._depth == 0:
-            for sig, handler in StopSignal._previous.items():
-                signal.signal(sig, handler)
-            StopSignal._previous = {}
+            previous, StopSignal._previous = StopSignal._previous, {}
+            for sig in self.SIGNALS:
+                signal.signal(sig, previous.get(sig, signal.default_int_handler if sig == signal.SIGINT
+                                                 else signal.SIG_DFL))
 
     @staticmethod
     def _note(signum: int, frame) -> None:
-        if StopSignal.received is not None:
+        now = time.monotonic()
+        if StopSignal.received is None:
+            StopSignal.received, StopSignal._received_at = signum, now
+        elif now - StopSignal._received_at > StopSignal.REPEAT_S:
             raise KeyboardInterrupt
-        StopSignal.received = signum
 
     def stopped(self, what: str) -> TrainingStopped:
         """The error for a stop noted before `what` began."""
@@ -195,7 +204,7 @@ def _fit(state: TrainState, until: int | None, progress: bool, stop: StopSignal)
         bar.close()
         if log is not None:
             log.close()
-    if main:
+    if main and (result.losses or not (state.run_dir / "summary.json").is_file()):  # a finished run resumed
         result.plot = plot_loss_curves(state.run_dir / "log.jsonl", state.run_dir / "loss_curves.png",
                                        state.cfg.name)
         summary = {"step": state.step, "steps": t.steps, "train": result.train_loss, "eval": result.eval_loss,

@@ -16,7 +16,8 @@
 # (recipe overrides, e.g. "--train.steps=4" for a try on the CPU). The icon theme comes as
 # data/debs/oxygen-icon-theme_*.deb (docs/results/scaling/README.md says how to fetch it; carry data/debs).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/../.."
 RECIPE=${RECIPE:-recipes/scaling/scenes_10m.toml}
 NAME=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")
 SAMPLES=${SAMPLES:-1050000}
@@ -44,18 +45,26 @@ data)
     --data "synthetic:scenes?samples=$SAMPLES&seed=0&audio_fraction=0&icon_dir=$ICONS"
   ;;
 train)
-  # SIGINT at TRAIN_S checkpoints the run in flight; SIGKILL 60 s later if it does not end
+  # SIGINT at TRAIN_S checkpoints the run in flight (timeout then exits 124); SIGKILL 60 s later if it hangs
+  read -ra extra <<< "${TRAIN_ARGS:-}"
   rc=0
   timeout -s INT -k 60 "${TRAIN_S:-520}" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume \
-    ${TRAIN_ARGS:-} || rc=$?
-  if [ -n "${OUT:-}" ]; then bash "$0" collect "$OUT/scaling_runs.tgz"; fi
+    "${extra[@]}" || rc=$?
+  if [ -n "${OUT:-}" ]; then bash "$SELF" collect "$OUT/scaling_runs.tgz" || echo "collect failed" >&2; fi
   exit $rc
   ;;
 compare)
   folders=()
   for seed in "$@"; do
     suffix=$([ $# -gt 1 ] && echo "-s$seed" || true)
-    folders+=("runs/$NAME-dense$suffix" "runs/$NAME-mot$suffix")
+    for run in "runs/$NAME-dense$suffix" "runs/$NAME-mot$suffix"; do
+      if python3 -c "import json, sys; s = json.load(open(sys.argv[1])); sys.exit(s.get('step') != s.get('steps'))" \
+          "$run/summary.json" 2>/dev/null; then
+        folders+=("$run")
+      else
+        echo "compare: $run has not finished, left out" >&2
+      fi
+    done
   done
   "${MOT[@]}" compare "${folders[@]}" --out "runs/$NAME-compare"
   ;;
@@ -63,7 +72,7 @@ collect)
   out=${1:?collect DIR or DIR.tgz}
   if [[ "$out" == *.tgz ]]; then
     staging=$(mktemp -d)
-    bash "$0" collect "$staging/scaling"
+    bash "$SELF" collect "$staging/scaling"
     tar czf "$out" -C "$staging" scaling
     rm -rf "$staging"
     exit 0

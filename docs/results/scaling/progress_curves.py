@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 
 BAR = re.compile(r"(?P<run>[\w.-]+):\s+\d+%\|[^|]*\|\s*(?P<step>\d+)/(?P<steps>\d+) \[[^\]]*?"
-                 r"(?P<post>(?:, [\w/]+=[\d.]+%?)+)\]")
-FIELD = re.compile(r", ([\w/]+)=([\d.]+)")
+                 r"(?P<post>(?:, [\w/]+=(?:[\d.]+|nan|inf)%?)+)\]")
+FIELD = re.compile(r", ([\w/]+)=([\d.]+|nan|inf)")
 
 
 def read_windows(paths: list[Path], log_every: int) -> dict[str, dict[int, dict[str, float]]]:
@@ -51,7 +51,9 @@ def read_windows(paths: list[Path], log_every: int) -> dict[str, dict[int, dict[
             if last.get(run) == key or "text" not in fields:
                 continue
             last[run] = key
-            runs.setdefault(run, {})[step - step % log_every] = fields
+            # a window first shows at or after the step that logged it; the first to claim a step keeps it (a
+            # run stopped between log steps shows its partial window last, rounded onto a full one)
+            runs.setdefault(run, {}).setdefault(step - step % log_every, fields)
     return runs
 
 
