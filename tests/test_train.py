@@ -261,6 +261,40 @@ def test_stop_signal_is_one_request_until_a_later_second_signal_interrupts(monke
         assert fresh.received is None
 
 
+def test_two_processes_signalled_as_timeout_does_stop_at_the_same_log_step_and_resume(shards, tmp_path):
+    """`timeout -s INT` signals the launcher's process group, and the launcher forwards the signal to its
+    workers: both processes must stop after the same step (the next log step, which a collective decides),
+    checkpoint it, and `--resume` must finish the run on two processes."""
+    cfg = run_config(shards, tmp_path, steps=400, micro_batch_size=2, log_every=5, eval_every=0,
+                     checkpoint_every=0)
+    write_recipe(tmp_path / "r.toml", cfg)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "mot.cli", "train", str(tmp_path / "r.toml")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = tmp_path / "tiny" / "log.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):  # training is under way
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert "stopped by SIGINT after step" in output, output[-3000:]
+    saved = runs.list_checkpoints(tmp_path / "tiny" / "checkpoints")
+    assert len(saved) == 1, output[-3000:]
+    stopped_at = int(saved[0].name[5:])
+    assert 0 < stopped_at < 400 and stopped_at % 5 == 0  # a log step: where the processes can agree
+    assert runs.read_meta(saved[0])["step"] == stopped_at
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert summary["step"] == stopped_at
+    done = subprocess.run([*launch, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r["step"] for r in read_log(log) if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 400 and stopped_at in steps
+
+
 def test_only_the_last_k_checkpoints_are_kept_and_load_for_inference(shards, tmp_path):
     result = train(run_config(shards, tmp_path, steps=8, checkpoint_every=2, keep_checkpoints=2), progress=False)
     names = [p.name for p in runs.list_checkpoints(result.run_dir / "checkpoints")]
