@@ -169,6 +169,7 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
             "untie": list(run.untie), "steps": final["step"], "flops": final["flops"], "wall_s": final.get("wall_s"),
             "wall_compute_s": final.get("wall_compute_s"), "warmup_s": warmup[-1][1] if warmup else None,
             "steady_step_s": steady, "final_eval": {k: final[k] for k in keys if k in final},
+            "final_eval_se": {k: final[se_key(k)] for k in keys if final.get(se_key(k)) is not None},
         }
         ref = reference_for(run, runs)
         if run is not ref:
@@ -282,6 +283,11 @@ def _band(summary: dict[str, Any]) -> str:
     return f"{100 * summary['mean']:.1f}% ({100 * summary['min']:.1f}-{100 * summary['max']:.1f}%{reached})"
 
 
+def se_key(key: str) -> str:
+    """The eval row's standard error of a loss key: loss -> se, loss/text -> se/text."""
+    return "se" + key[4:]
+
+
 def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
     names = ["all" if k == "loss" else k.split("/", 1)[1] for k in keys]
     lines = [
@@ -306,6 +312,15 @@ def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
         lines.append(f"| {run['name']} | {'dense' if run['dense'] else 'MoT'} | {run['seed']} | {run['steps']} | "
                      f"{run['flops']:.3g} | " + " | ".join(finals + columns) + " | "
                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if warmup is None else f'{warmup:.1f}'} |")
+    noise = [run for run in report["runs"] if run.get("final_eval_se")]
+    if noise:
+        lines += ["", "Evaluation noise: the standard error of each final eval loss over the evaluation's "
+                  "micro-batches (how far another held-out set of the same size could move it; the runs share one "
+                  "set, so their differences vary less)", "",
+                  "| run | " + " | ".join(f"se {n}" for n in names) + " |", "|---" * (1 + len(keys)) + "|"]
+        for run in noise:
+            lines.append(f"| {run['name']} | " + " | ".join(
+                f"{run['final_eval_se'][k]:.4f}" if k in run["final_eval_se"] else "-" for k in keys) + " |")
     for group in report.get("bands", []):
         if len(group["seeds"]) < 2:
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mot.compare import CompareError, compare_runs, flops_to_reach, load_run, matching_fractions
+from mot.train.metrics_log import read_log
 from tests.runs import make_shards, run_config, write_recipe
 
 
@@ -143,6 +144,12 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
     assert report["bands"][0]["seeds"] == [0, 1] and report["runs"][1]["steady_step_ratio"] > 0
     table = (out / "compare.md").read_text()
     assert (out / "compare.png").is_file() and "FLOPs to match" in table and "Over seeds [0, 1]" in table
+    # the evaluation's noise: each run's final standard errors, from its log's last eval row
+    last_eval = [r for r in read_log(tmp_path / "runs" / "tiny-mot-s1" / "log.jsonl") if r["kind"] == "eval"][-1]
+    assert report["runs"][3]["final_eval_se"] == {"loss": last_eval["se"], "loss/text": last_eval["se/text"],
+                                                  "loss/image": last_eval["se/image"],
+                                                  "loss/speech": last_eval["se/speech"]}
+    assert "Evaluation noise" in table and f"| tiny-mot-s1 | {last_eval['se']:.4f} |" in table
 
 
 @pytest.mark.parametrize(("cut_run", "cut_step", "killed"),

@@ -25,7 +25,7 @@ from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError, TrainingStopped
 from mot.train.metrics_log import read_log
 from mot.train.optim import clip_gradients, lr_factor, parameter_groups
-from mot.train.step import device_batch, micro_batch_losses
+from mot.train.step import device_batch, micro_batch_losses, ratio_standard_error
 from mot.train.trainer import Trainer, train
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -188,6 +188,67 @@ def test_training_lowers_the_held_out_loss_of_every_modality(shards, tmp_path):
     first = rows[0]
     for name in ("text", "image", "speech"):
         assert result.eval_loss[f"loss/{name}"] < first[f"loss/{name}"] - 0.3, name
+
+
+def test_ratio_standard_error_against_the_plain_formula_and_by_simulation():
+    rng = np.random.default_rng(0)
+    # equal counts: the ratio is a mean of per-batch means, whose standard error is their sd / sqrt(B)
+    per_batch = rng.normal(2.0, 0.3, size=16)
+    counts = torch.full((16,), 50.0, dtype=torch.float64)
+    se = ratio_standard_error(torch.tensor(per_batch) * counts, counts)
+    assert se == pytest.approx(np.std(per_batch, ddof=1) / np.sqrt(16), rel=1e-12)
+    # unequal counts: over many simulated eval sets of 40 batches of 20-200 tokens, the estimated standard error
+    # matches the spread of the ratio itself
+    ratios, estimates = [], []
+    for _ in range(2000):
+        c = rng.integers(20, 201, size=40).astype(np.float64)
+        token_losses = [rng.gamma(2.0, 1.0, size=int(n)) + rng.normal(0, 0.5) for n in c]  # a batch-level shift
+        sums = torch.tensor([t.sum() for t in token_losses])
+        ratios.append(float(sums.sum()) / c.sum())
+        estimates.append(ratio_standard_error(sums, torch.tensor(c)))
+    assert np.median(estimates) == pytest.approx(np.std(ratios), rel=0.1)
+    assert math.isnan(ratio_standard_error(torch.tensor([1.0]), torch.tensor([1.0])))
+
+
+def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tmp_path, monkeypatch):
+    cfg = run_config(shards, tmp_path, steps=2, eval_batches=6, micro_batch_size=2)
+    trainer = Trainer(cfg, progress=False)
+    from mot.train import step
+
+    grad_modes = []
+
+    def recorded(state, batch):
+        grad_modes.append(torch.is_grad_enabled())
+        return micro_batch_losses(state, batch)
+
+    monkeypatch.setattr(step, "micro_batch_losses", recorded)
+    out = trainer.evaluate()
+    assert grad_modes == [False] * 12  # no autograd graph is built for evaluation
+    state = trainer.state
+    state.eval_loader.load_state_dict(state.eval_start)
+    sums, counts = [], []
+    for _ in range(cfg.train.eval_batches * state.accum):  # by hand: per micro-batch, per modality
+        batch = next(state.eval_loader)
+        with torch.no_grad():
+            logits = state.model(ModelInputs(batch.tokens, batch.modality, batch.positions,
+                                             batch.attn_mask())).logits
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch.tokens[:, 1:].flatten(),
+                                 reduction="none")
+        target_modality = batch.modality[:, 1:].flatten()
+        sums.append([float(losses[target_modality == m].sum()) for m in range(len(state.names))])
+        counts.append([float((target_modality == m).sum()) for m in range(len(state.names))])
+    sums, counts = np.array(sums), np.array(counts)
+    assert len(sums) == 12  # 6 eval batches of 4 sequences in micro-batches of 2
+    for m, name in enumerate(state.names):
+        mean = sums[:, m].sum() / counts[:, m].sum()
+        reference = math.sqrt(12 / 11 * ((sums[:, m] - mean * counts[:, m]) ** 2).sum()) / counts[:, m].sum()
+        assert out[f"loss/{name}"] == pytest.approx(mean, rel=1e-5)
+        assert out[f"se/{name}"] == pytest.approx(reference, rel=1e-3)
+    total = sums.sum(1)
+    mean = total.sum() / counts.sum()
+    assert out["se"] == pytest.approx(math.sqrt(12 / 11 * ((total - mean * counts.sum(1)) ** 2).sum())
+                                      / counts.sum(), rel=1e-3)
+    assert 0 < out["se"] < min(out[f"se/{n}"] for n in state.names)
 
 
 # ---------------------------------------------------------------- checkpoints and resume

@@ -35,6 +35,8 @@ from mot.vocab import UnifiedVocab
 class NextToken:
     """Next-token cross-entropy for every modality."""
 
+    weighted_is_a_ratio = True  # the reported loss is sum_m w_m * sums_m / sum_m counts_m
+
     def __init__(self, model_cfg: ModelConfig, loss_fn: Callable = next_token_loss):
         self.n_modalities = len(model_cfg.modalities)
         self.loss_weights = torch.tensor([m.loss_weight for m in model_cfg.modalities])
@@ -74,6 +76,8 @@ class NextToken:
 
 class Transfusion(NextToken):
     """Next-token losses for the AR modalities, denoising losses for the diffusion ones."""
+
+    weighted_is_a_ratio = False  # a token mean plus per-modality means
 
     def __init__(self, model_cfg: ModelConfig, batcher: LatentBatcher, loss_fn: Callable = next_token_loss):
         super().__init__(model_cfg, loss_fn)

@@ -154,26 +154,43 @@ def update(state: TrainState, log: MetricsLog | None = None) -> Update:
     return Update(loss_sum, count, weighted, grad_norm, lr, applied=problem is None)
 
 
+def ratio_standard_error(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Standard error of sum(sums) / sum(counts) as an estimate of the mean over the population the (B,) clusters
+    were drawn from (here micro-batches of held-out sequences; tokens within a sequence are not independent):
+    sqrt(B / (B - 1) * sum_b (s_b - mean * c_b)^2) / sum_b c_b, the delta method for a ratio. NaN below 2."""
+    total = float(counts.sum())
+    if len(sums) < 2 or total == 0:
+        return math.nan
+    residual = sums - (float(sums.sum()) / total) * counts
+    return math.sqrt(len(sums) / (len(sums) - 1) * float((residual ** 2).sum())) / total
+
+
 @torch.no_grad()
 def evaluate(state: TrainState) -> dict[str, float]:
-    """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none)."""
+    """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none); `se`
+    and `se/NAME`: the standard errors of the losses over the micro-batches (`ratio_standard_error`), which
+    say how far another held-out set of this size could move them."""
     if state.eval_loader is None:
         return {}
     acc, n = state.accelerator, len(state.names)
     state.eval_loader.load_state_dict(state.eval_start)  # the same held-out batches every time
     batches = RankSlice(state.eval_loader, acc.process_index, acc.num_processes)
-    loss_sum = torch.zeros(n, device=acc.device)
-    count = torch.zeros(n, device=acc.device)
+    per_batch = []
     state.model.eval()
     for _ in range(state.cfg.train.eval_batches * state.accum):  # the same sequences on any device count
         s, c = micro_batch_losses(state, device_batch(state, next(batches)))
-        loss_sum += s
-        count += c
+        per_batch.append(torch.cat([s.detach().float(), c.float()]))
     state.model.train()
-    totals = acc.reduce(torch.cat([loss_sum, count]), reduction="sum").cpu().double()
-    loss_sum, count = totals[:n], totals[n:]
+    per_batch = acc.gather(torch.stack(per_batch)).cpu().double()  # (micro-batches of every process, 2n)
+    sums, counts = per_batch[:, :n], per_batch[:, n:]
+    loss_sum, count = sums.sum(0), counts.sum(0)
     out = {"loss": state.objective.weighted(loss_sum, count)}
     out.update(per_modality(state.names, loss_sum, count))
+    if state.objective.weighted_is_a_ratio:
+        weights = state.objective.loss_weights.cpu().double()
+        out["se"] = ratio_standard_error((sums * weights).sum(1), counts.sum(1))
+    out.update({f"se/{name}": ratio_standard_error(sums[:, i], counts[:, i]) for i, name in enumerate(state.names)
+                if float(count[i]) > 0})
     diffusion = {m.name for m in state.cfg.model.modalities if m.is_diffusion}  # a squared error has no ppl
     out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items())
                 if k.startswith("loss/") and k[5:] not in diffusion})
