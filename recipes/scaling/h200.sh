@@ -4,6 +4,7 @@
 #
 #   bash recipes/scaling/h200.sh data               # icons, the corpus BPE, prepare SAMPLES samples (resumes)
 #   bash recipes/scaling/h200.sh train 0 1 2        # dense and MoT per seed (resumes; SIGINT checkpoints)
+#   TRAIN_ARGS="--name=scenes_10m_lr1e-3 --train.lr=1e-3" bash recipes/scaling/h200.sh train 0   # a sweep point
 #   bash recipes/scaling/h200.sh compare 0 1 2      # the report over the finished runs
 #   bash recipes/scaling/h200.sh collect DIR[.tgz]  # logs, summaries, plots and the report into DIR (or one tarball)
 #
@@ -78,7 +79,7 @@ collect)
     exit 0
   fi
   mkdir -p "$out"
-  for run in runs/"$NAME"-*; do
+  for run in runs/"$NAME"*; do  # NAME-dense..., NAME-compare, and sweep points such as NAME_lr1e-3-mot
     [ -d "$run" ] || continue
     mkdir -p "$out/$(basename "$run")"
     for f in log.jsonl summary.json config.json loss_curves.png compare.png compare.md compare.json; do
