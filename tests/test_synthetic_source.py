@@ -10,7 +10,7 @@ import pytest
 from mot.data.documents import DocumentSourceError
 from mot.data.prepare import prepare
 from mot.data.sources import open_documents
-from mot.data.synthetic_docs import write_shards
+from mot.data.synthetic_docs import members_of, write_shards
 from mot.data.synthetic_source import SyntheticDocuments
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -65,3 +65,45 @@ def test_a_spec_gives_the_source_its_options():
     assert isinstance(source, SyntheticDocuments) and len(source.parts()) == 4
     task = source.parts()[0].task
     assert (task["kind"], task["seed"], task["audio_fraction"], task["speech_max_words"]) == ("scenes", 2, 0.5, 10)
+
+
+@pytest.mark.parametrize(("kind", "options"), [
+    ("demo", {"audio_fraction": 0.0}),
+    ("scenes", {"audio_fraction": 0.0}),
+    ("chameleon", {"min_side": 40, "max_side": 60}),
+])
+def test_a_part_without_audio_knows_its_ids_without_making_its_samples(kind, options, monkeypatch):
+    """A prepare of several processes scans every part in each of them; for such parts the scan makes nothing."""
+    from mot.data import synthetic_source
+    from mot.data.pipeline_worker import _scan
+
+    source = SyntheticDocuments(kind, samples=12, per_part=5, seed=3, **options)
+    made = []
+
+    def counted(*args):
+        made.append(args)
+        return members_of(*args)
+
+    for number, part in enumerate(source.parts()):
+        read = [doc.id for doc in part.read(lambda *a: pytest.fail(f"skipped {a}"))]
+        assert part.ids_without_reading() == read and len(read) == 2 * part.size
+        monkeypatch.setattr(synthetic_source, "members_of", counted)
+        assert _scan(number, part).ids == read and made == []
+        monkeypatch.undo()
+    with_audio = SyntheticDocuments(kind if kind != "chameleon" else "demo", samples=4, audio_fraction=0.5)
+    assert all(part.ids_without_reading() is None for part in with_audio.parts())
+
+
+@pytest.mark.parametrize("audio_fraction", [0.0, 0.4])
+def test_two_processes_prepare_a_synthetic_source_as_one_does(tmp_path, audio_fraction):
+    from tests import prepare_worker
+    from tests.test_prepare_distributed import _logs, assert_same_output, launch
+
+    spec = f"synthetic:scenes?samples=14&seed=5&audio_fraction={audio_fraction}&speech_max_words=8"
+    marker = tmp_path / "marker"
+    marker.touch()
+    prepare_worker.run(spec, str(tmp_path / "one"), str(marker))
+    codes, stats = launch(spec, tmp_path / "two", marker, tmp_path / "logs", workers=2)
+    assert codes == [0, 0], _logs(tmp_path / "logs")
+    assert stats["processes"] == 2 and stats["documents"] + sum(stats["skipped"].values()) >= 28
+    assert_same_output(tmp_path / "two", tmp_path / "one")

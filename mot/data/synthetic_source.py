@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from mot.data.documents import Document, DocumentSource, DocumentSourceError, HFDocuments
 from mot.data.synthetic_docs import _rng, members_of, scenes_options, tar_tasks
-from mot.data.tar_source import Skip, _documents
+from mot.data.tar_source import Skip, _documents, _stem
 
 PREFIX = "synthetic:"
 
@@ -39,6 +39,18 @@ class SyntheticPart:
         for index in range(self.task["first"], self.task["first"] + self.task["count"]):
             members, _ = members_of(kind, _rng(seed, kind, index), self.task)
             yield from _documents(path, f"{index:09d}", members, self.pair_orders, skip)
+
+    def ids_without_reading(self) -> list[str] | None:
+        """The part's document ids when they follow from the task alone: no sample can have audio, so each gives
+        its image's pair, and a synthetic caption is never missing. A prepare of several processes scans every
+        part in each of them for its ids; this spares making every sample once per process for that. None when
+        a sample may have audio (then only making it tells)."""
+        if self.task.get("audio_fraction", 0.0) > 0:
+            return None
+        group = _stem(Path(self.task["path"]))
+        return [f"{group}/{index:09d}#{order.replace('media', 'image')}"
+                for index in range(self.task["first"], self.task["first"] + self.task["count"])
+                for order in self.pair_orders]
 
 
 class SyntheticDocuments(DocumentSource):
