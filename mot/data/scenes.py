@@ -344,12 +344,18 @@ def speech(rng: np.random.Generator, caption: str, engine: str = "synthetic") ->
     return wav_bytes(speech_like(rng, seconds)), seconds
 
 
+def draws_audio(rng: np.random.Generator, task: dict[str, Any]) -> bool:
+    """Whether a sample has audio: its first draw, so that a scan can tell without making the sample
+    (SyntheticPart.ids_without_reading)."""
+    return bool(rng.random() < task.get("audio_fraction", 0.0))
+
+
 def sample_members(rng: np.random.Generator, task: dict[str, Any]) -> tuple[dict[str, bytes], float]:
     """The members of one tar sample ({"png", "txt"[, "wav"]}) and its audio seconds (0 without audio).
     task options: icon_dir, icon_fraction (0.2), audio_fraction (0.0), speech ("synthetic" or "espeak"),
     speech_max_words (24: a sample with audio gets a shorter caption, so audio documents stay near 512
     tokens with the demo tokenizers' 50 speech units a second)."""
-    with_audio = rng.random() < task.get("audio_fraction", 0.0)
+    with_audio = draws_audio(rng, task)
     max_words = task.get("speech_max_words", 24) if with_audio else 60
     icon_dir = task.get("icon_dir")
     if icon_dir and rng.random() < task.get("icon_fraction", 0.2):

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from mot.data.documents import Document, DocumentSource, DocumentSourceError, HFDocuments
+from mot.data.scenes import draws_audio
 from mot.data.synthetic_docs import _rng, members_of, scenes_options, tar_tasks
 from mot.data.tar_source import Skip, _documents, _stem
 
@@ -41,15 +42,22 @@ class SyntheticPart:
             yield from _documents(path, f"{index:09d}", members, self.pair_orders, skip)
 
     def ids_without_reading(self) -> list[str] | None:
-        """The part's document ids when they follow from the task alone: no sample can have audio, so each gives
-        its image's pair, and a synthetic caption is never missing. A prepare of several processes scans every
-        part in each of them for its ids; this spares making every sample once per process for that. None when
-        a sample may have audio (then only making it tells)."""
-        if self.task.get("audio_fraction", 0.0) > 0:
+        """The part's document ids when they follow from the task alone: each sample gives its image's pair, and
+        its audio's pair when it has audio, which a scenes sample draws first (scenes.draws_audio); a synthetic
+        caption is never missing. A prepare of several processes scans every part in each of them for its ids;
+        this spares making every sample once per process for that. None when only making a sample tells (a
+        demo sample draws its audio after its image)."""
+        kind, seed, first, count = self.task["kind"], self.task["seed"], self.task["first"], self.task["count"]
+        if kind == "scenes":
+            audio = [draws_audio(_rng(seed, kind, index), self.task) for index in range(first, first + count)]
+        elif self.task.get("audio_fraction", 0.0) > 0:
             return None
+        else:
+            audio = [False] * count
         group = _stem(Path(self.task["path"]))
-        return [f"{group}/{index:09d}#{order.replace('media', 'image')}"
-                for index in range(self.task["first"], self.task["first"] + self.task["count"])
+        return [f"{group}/{index:09d}#{order.replace('media', media)}"
+                for index, has_audio in zip(range(first, first + count), audio, strict=True)
+                for media in (("image", "audio") if has_audio else ("image",))
                 for order in self.pair_orders]
 
 
