@@ -19,6 +19,7 @@ The warm-up is reported per run beside the compile-free wall-clock-to-match and 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,8 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
             "untie": list(run.untie), "steps": final["step"], "flops": final["flops"], "wall_s": final.get("wall_s"),
             "wall_compute_s": final.get("wall_compute_s"), "warmup_s": warmup[-1][1] if warmup else None,
             "steady_step_s": steady, "final_eval": {k: final[k] for k in keys if k in final},
-            "final_eval_se": {k: final[se_key(k)] for k in keys if final.get(se_key(k)) is not None},
+            "final_eval_se": {k: final[se_key(k)] for k in keys
+                              if isinstance(final.get(se_key(k)), float) and math.isfinite(final[se_key(k)])},
         }
         ref = reference_for(run, runs)
         if run is not ref:
@@ -314,9 +316,9 @@ def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if warmup is None else f'{warmup:.1f}'} |")
     noise = [run for run in report["runs"] if run.get("final_eval_se")]
     if noise:
-        lines += ["", "Evaluation noise: the standard error of each final eval loss over the evaluation's "
-                  "micro-batches (how far another held-out set of the same size could move it; the runs share one "
-                  "set, so their differences vary less)", "",
+        lines += ["", "Evaluation noise: the standard error of each final eval loss, the evaluation's "
+                  "micro-batches as clusters (two held-out sets of this size differ by about 1.4 se; the runs "
+                  "share one set, so their differences vary less)", "",
                   "| run | " + " | ".join(f"se {n}" for n in names) + " |", "|---" * (1 + len(keys)) + "|"]
         for run in noise:
             lines.append(f"| {run['name']} | " + " | ".join(

@@ -36,6 +36,7 @@ def smoke(script: str, cwd: Path) -> str:
     ("generate.py", "text, batch 8"),
     ("grow.py", "written:"),
     ("fsdp_memory.py", "| 8 | "),
+    ("decode_ops.py", "one eager text step:"),
 ])
 def test_bench_smoke_runs(script, expect, tmp_path):
     assert expect in smoke(script, tmp_path)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mot.model import ModelInputs, MoTTransformer
-from mot.model.rope import RotaryEmbedding, apply_rotary
+from mot.model.rope import RotaryEmbedding, apply_rotary, apply_rotary_together
 from mot.objectives.ar import next_token_loss
 from mot.vocab import UnifiedVocab
-from tests.conftest import tiny_config
+from tests.conftest import randomize_norms, tiny_config
 
 
 def test_unified_vocab_layout_and_modality_of():
@@ -36,6 +37,29 @@ def test_rotary_matches_a_per_pair_rotation():
             a, b = x[0, t, :, i], x[0, t, :, i + 4]
             torch.testing.assert_close(out[0, t, :, i], a * math.cos(angle) - b * math.sin(angle))
             torch.testing.assert_close(out[0, t, :, i + 4], b * math.cos(angle) + a * math.sin(angle))
+
+
+def test_rotating_queries_and_keys_together_equals_rotating_each():
+    q, k = torch.randn(2, 5, 4, 8, dtype=torch.bfloat16), torch.randn(2, 5, 2, 8, dtype=torch.bfloat16)
+    cos, sin = RotaryEmbedding(8, 64, 10000.0)(5, torch.tensor([[0, 1, 2, 3, 9], [4, 5, 6, 7, 8]]))
+    together = apply_rotary_together(q, k, cos, sin)
+    assert torch.equal(together[0], apply_rotary(q, cos, sin)) and torch.equal(together[1], apply_rotary(k, cos, sin))
+
+
+@pytest.mark.parametrize("untie", [[], ["attn", "ffn", "norm"]])
+def test_a_bf16_forward_without_gradients_equals_the_training_forward_bit_for_bit(untie):
+    """Without gradients (decoding, evaluation) the norms take bf16 directly and queries and keys rotate
+    together, in fewer ops; the values must stay those of the training forward."""
+    torch.manual_seed(0)
+    model = MoTTransformer(tiny_config(untie=untie, qk_norm=True, n_heads=4, n_kv_heads=2)).to(torch.bfloat16)
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    text = torch.randint(0, 40, (2, 12))  # text ids only: one tower, the norms' one-tower path
+    mixed = torch.randint(8, model.vocab.size, (2, 12))
+    for tokens in (text, mixed):
+        with torch.no_grad():
+            inference = model(ModelInputs(tokens)).logits
+        training = model(ModelInputs(tokens)).logits
+        assert training.requires_grad and torch.equal(inference, training.detach())
 
 
 def test_casting_the_model_to_bf16_keeps_rotary_tables_in_float32():

@@ -212,6 +212,7 @@ def test_ratio_standard_error_against_the_plain_formula_and_by_simulation():
 
 def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tmp_path, monkeypatch):
     cfg = run_config(shards, tmp_path, steps=2, eval_batches=6, micro_batch_size=2)
+    cfg.data.eval_fraction = 0.6  # enough held-out documents for 6 batches without repeating them
     trainer = Trainer(cfg, progress=False)
     from mot.train import step
 
@@ -248,7 +249,21 @@ def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tm
     mean = total.sum() / counts.sum()
     assert out["se"] == pytest.approx(math.sqrt(12 / 11 * ((total - mean * counts.sum(1)) ** 2).sum())
                                       / counts.sum(), rel=1e-3)
-    assert 0 < out["se"] < min(out[f"se/{n}"] for n in state.names)
+    assert out["se"] > 0 and state.eval_loader.epoch == 0
+
+
+@pytest.mark.parametrize(("eval_fraction", "eval_batches", "micro"), [(0.1, 6, 2), (0.6, 1, 4)])
+def test_no_standard_error_from_repeated_or_single_micro_batches(shards, tmp_path, eval_fraction, eval_batches,
+                                                                 micro):
+    """A held-out set shorter than the evaluation repeats its batches (they are not new clusters); one
+    micro-batch has no spread to measure."""
+    cfg = run_config(shards, tmp_path, steps=2, eval_batches=eval_batches, micro_batch_size=micro)
+    cfg.data.eval_fraction = eval_fraction
+    trainer = Trainer(cfg, progress=False)
+    out = trainer.evaluate()
+    assert "loss" in out and not any(k == "se" or k.startswith("se/") for k in out)
+    if eval_batches > 1:
+        assert trainer.state.eval_loader.epoch > 0  # it did run out
 
 
 # ---------------------------------------------------------------- checkpoints and resume

@@ -347,7 +347,7 @@ def speech(rng: np.random.Generator, caption: str, engine: str = "synthetic") ->
 def draws_audio(rng: np.random.Generator, task: dict[str, Any]) -> bool:
     """Whether a sample has audio: its first draw, so that a scan can tell without making the sample
     (SyntheticPart.ids_without_reading)."""
-    return bool(rng.random() < task.get("audio_fraction", 0.0))
+    return bool(rng.random() < float(task.get("audio_fraction", 0.0)))
 
 
 def sample_members(rng: np.random.Generator, task: dict[str, Any]) -> tuple[dict[str, bytes], float]:

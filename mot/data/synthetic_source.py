@@ -48,12 +48,12 @@ class SyntheticPart:
         this spares making every sample once per process for that. None when only making a sample tells (a
         demo sample draws its audio after its image)."""
         kind, seed, first, count = self.task["kind"], self.task["seed"], self.task["first"], self.task["count"]
-        if kind == "scenes":
-            audio = [draws_audio(_rng(seed, kind, index), self.task) for index in range(first, first + count)]
-        elif self.task.get("audio_fraction", 0.0) > 0:
-            return None
-        else:
+        if kind == "chameleon" or float(self.task.get("audio_fraction", 0.0)) <= 0:  # no sample has audio
             audio = [False] * count
+        elif kind == "scenes":
+            audio = [draws_audio(_rng(seed, kind, index), self.task) for index in range(first, first + count)]
+        else:
+            return None
         group = _stem(Path(self.task["path"]))
         return [f"{group}/{index:09d}#{order.replace('media', media)}"
                 for index, has_audio in zip(range(first, first + count), audio, strict=True)

@@ -50,3 +50,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = xc.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (xc * cos + rotated * sin).to(x.dtype)
+
+
+def apply_rotary_together(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary on queries and keys of the same head size in one set of ops (their heads side by side):
+    the same values, in half the kernel launches, which is what an eager decoding step's host time counts."""
+    both = apply_rotary(torch.cat([q, k], dim=-2), cos, sin)
+    return both.split([q.shape[-2], k.shape[-2]], dim=-2)

@@ -120,6 +120,9 @@ class TowerLinear(nn.Module):
         return f"towers={m}, in={in_f}, out={out_f}"
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class TowerRMSNorm(nn.Module):
     """RMSNorm over the last dimension of (N, ..., D) sorted rows with one gain vector per tower; statistics in
     float32 (or float64)."""
@@ -130,8 +133,12 @@ class TowerRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_towers, dim))
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
         gain = route.one_tower(self.weight)
+        if gain is not None and x.dtype == gain.dtype in LOW_PRECISION and not torch.is_grad_enabled():
+            # Decoding, evaluation: rms_norm's own kernels take bf16 and compute the statistics in float32
+            # (one fused kernel on CUDA for four launches); training keeps the graph inductor compiles.
+            return F.rms_norm(x, x.shape[-1:], gain, self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)
         if gain is not None:
             return F.rms_norm(x.to(dtype), x.shape[-1:], gain.to(dtype), self.eps).type_as(x)
         normed = F.rms_norm(x.to(dtype), x.shape[-1:], None, self.eps)

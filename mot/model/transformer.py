@@ -248,6 +248,9 @@ class MoTTransformer(nn.Module):
         route = self.route(modality, inputs.tower_counts)  # routing works on any rows: here only the new tokens
         x = self.embed_inputs(tokens, modality, route, inputs.latents, inputs.timesteps)
         cos, sin = self.rope(t, inputs.positions)
+        # The additive form attention would make of the boolean mask in every layer, made once for all of them
+        # (fewer launches per decoding step; the same values)
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         for block, write in zip(self.blocks, writes, strict=True):
             x = block(x, route, AttentionInputs(batch, t, cos, sin, mask, write))
         hidden = route.unsort(self.final_norm(x, route)).view(batch, t, -1)

@@ -167,13 +167,18 @@ def ratio_standard_error(sums: torch.Tensor, counts: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(state: TrainState) -> dict[str, float]:
-    """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none); `se`
-    and `se/NAME`: the standard errors of the losses over the micro-batches (`ratio_standard_error`), which
-    say how far another held-out set of this size could move them."""
+    """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none).
+
+    `se` and `se/NAME`: the standard errors of those losses with the micro-batches as clusters
+    (`ratio_standard_error`): the spread of the loss over held-out sets of this size (two such sets differ
+    by about 1.4 se). The micro-batches are consecutive slices of the held-out stream, so where neighbouring
+    documents are alike this underestimates it. Left out with fewer than 2 micro-batches, and when the
+    held-out set ran out and its batches repeat (the loader started it again)."""
     if state.eval_loader is None:
         return {}
     acc, n = state.accelerator, len(state.names)
     state.eval_loader.load_state_dict(state.eval_start)  # the same held-out batches every time
+    first_epoch = state.eval_loader.epoch
     batches = RankSlice(state.eval_loader, acc.process_index, acc.num_processes)
     per_batch = []
     state.model.eval()
@@ -186,11 +191,12 @@ def evaluate(state: TrainState) -> dict[str, float]:
     loss_sum, count = sums.sum(0), counts.sum(0)
     out = {"loss": state.objective.weighted(loss_sum, count)}
     out.update(per_modality(state.names, loss_sum, count))
-    if state.objective.weighted_is_a_ratio:
-        weights = state.objective.loss_weights.cpu().double()
-        out["se"] = ratio_standard_error((sums * weights).sum(1), counts.sum(1))
-    out.update({f"se/{name}": ratio_standard_error(sums[:, i], counts[:, i]) for i, name in enumerate(state.names)
-                if float(count[i]) > 0})
+    if len(per_batch) >= 2 and state.eval_loader.epoch == first_epoch:  # distinct micro-batches
+        if state.objective.weighted_is_a_ratio:
+            weights = state.objective.loss_weights.cpu().double()
+            out["se"] = ratio_standard_error((sums * weights).sum(1), counts.sum(1))
+        out.update({f"se/{name}": ratio_standard_error(sums[:, i], counts[:, i])
+                    for i, name in enumerate(state.names) if float(count[i]) > 0})
     diffusion = {m.name for m in state.cfg.model.modalities if m.is_diffusion}  # a squared error has no ppl
     out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items())
                 if k.startswith("loss/") and k[5:] not in diffusion})
