@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mot.stats import ratio_standard_error
 from mot.train.metrics_log import read_log
 
 
@@ -42,6 +43,8 @@ class RunCurves:
     seed: int = 0
     untie: tuple[str, ...] = ()
     trains: tuple[dict[str, Any], ...] = ()  # train rows in step order (step_ms of each log window)
+    model_modalities: tuple[dict[str, Any], ...] = ()  # config.json's model.modalities (loss weights)
+    diffusion: bool = False  # some modality is trained by diffusion: the weighted loss is no single ratio
 
     def curve(self, key: str, x: str = "flops") -> list[tuple[float, float]]:
         return [(row[x], row[key]) for row in self.evals if row.get(key) is not None and row.get(x) is not None]
@@ -61,7 +64,9 @@ def load_run(folder: str | Path) -> RunCurves:
     modalities = [m["name"] for m in cfg["model"]["modalities"]]
     dense = not cfg["model"]["untie"] or len(modalities) == 1
     return RunCurves(cfg.get("name", folder.name), folder, dense, modalities, evals,
-                     seed=cfg.get("train", {}).get("seed", 0), untie=tuple(cfg["model"]["untie"]), trains=trains)
+                     seed=cfg.get("train", {}).get("seed", 0), untie=tuple(cfg["model"]["untie"]), trains=trains,
+                     model_modalities=tuple(cfg["model"]["modalities"]),
+                     diffusion=any(m.get("objective", "ar") == "diffusion" for m in cfg["model"]["modalities"]))
 
 
 def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -177,6 +182,7 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
         if run is not ref:
             ref_steady = steady_step_s(ref)
             entry.update(
+                final_eval_difference=paired_difference(run, ref, keys),
                 reference=ref.name,
                 flops_fraction_to_match_reference=matching_fractions(ref, run, keys),
                 wall_fraction_to_match_reference=(matching_fractions(ref, run, keys, "wall_compute_s")
@@ -285,6 +291,35 @@ def _band(summary: dict[str, Any]) -> str:
     return f"{100 * summary['mean']:.1f}% ({100 * summary['min']:.1f}-{100 * summary['max']:.1f}%{reached})"
 
 
+def paired_difference(run: RunCurves, reference: RunCurves, keys: list[str]) -> dict[str, dict[str, float]]:
+    """Per loss key: the final eval loss of `run` minus the reference's, and the standard error of that
+    difference from their per-micro-batch sums (mot.stats: the runs were evaluated on the same held-out
+    batches, so most of each one's sampling error cancels); {} where either log lacks them or the batches
+    differ (another held-out set)."""
+    a, b = run.evals[-1].get("micro_batches"), reference.evals[-1].get("micro_batches")
+    if not a or not b or a["counts"] != b["counts"]:
+        return {}
+    names = run.modalities
+    weights = [m.get("loss_weight", 1.0) for m in run.model_modalities] if run.model_modalities else [1.0] * len(names)
+    out = {}
+    for key in keys:
+        if key == "loss":
+            if run.diffusion:  # the reported loss is not one ratio
+                continue
+            diffs = [sum(w * (x - y) for w, x, y in zip(weights, sa, sb, strict=True))
+                     for sa, sb in zip(a["sums"], b["sums"], strict=True)]
+            counts = [sum(c) for c in a["counts"]]
+        else:
+            i = names.index(key.split("/", 1)[1])
+            diffs = [sa[i] - sb[i] for sa, sb in zip(a["sums"], b["sums"], strict=True)]
+            counts = [c[i] for c in a["counts"]]
+        if key in run.evals[-1] and key in reference.evals[-1] and sum(counts) > 0:
+            se = ratio_standard_error(diffs, counts)
+            if math.isfinite(se):
+                out[key] = {"difference": run.evals[-1][key] - reference.evals[-1][key], "se": se}
+    return out
+
+
 def se_key(key: str) -> str:
     """The eval row's standard error of a loss key: loss -> se, loss/text -> se/text."""
     return "se" + key[4:]
@@ -323,6 +358,16 @@ def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
         for run in noise:
             lines.append(f"| {run['name']} | " + " | ".join(
                 f"{run['final_eval_se'][k]:.4f}" if k in run["final_eval_se"] else "-" for k in keys) + " |")
+    paired = [run for run in report["runs"] if run.get("final_eval_difference")]
+    if paired:
+        lines += ["", "Final eval loss minus the dense run's (same seed), +- the standard error of the difference "
+                  "(paired: both runs were evaluated on the same held-out batches)", "",
+                  "| run | " + " | ".join(names) + " |", "|---" * (1 + len(keys)) + "|"]
+        for run in paired:
+            cells = [f"{run['final_eval_difference'][k]['difference']:+.4f} +- "
+                     f"{run['final_eval_difference'][k]['se']:.4f}" if k in run["final_eval_difference"] else "-"
+                     for k in keys]
+            lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
     for group in report.get("bands", []):
         if len(group["seeds"]) < 2:
             continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mot.compare import CompareError, compare_runs, flops_to_reach, load_run, matching_fractions
@@ -151,6 +152,19 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
                                                   "loss/image": last_eval["se/image"],
                                                   "loss/speech": last_eval["se/speech"]}
     assert "Evaluation noise" in table and f"| tiny-mot-s1 | {last_eval['se']:.4f} |" in table
+    # MoT minus dense on the same held-out batches, with the standard error of the paired difference
+    dense_eval = [r for r in read_log(tmp_path / "runs" / "tiny-dense-s1" / "log.jsonl") if r["kind"] == "eval"][-1]
+    mot, dense = last_eval["micro_batches"], dense_eval["micro_batches"]
+    assert mot["counts"] == dense["counts"]  # the same tokens in the same micro-batches
+    for i, name in enumerate(["text", "image", "speech"]):
+        diffs = np.array([a[i] - b[i] for a, b in zip(mot["sums"], dense["sums"], strict=True)])
+        counts = np.array([c[i] for c in mot["counts"]])
+        mean = diffs.sum() / counts.sum()
+        se = np.sqrt(len(diffs) / (len(diffs) - 1) * ((diffs - mean * counts) ** 2).sum()) / counts.sum()
+        got = report["runs"][3]["final_eval_difference"][f"loss/{name}"]
+        assert got["difference"] == pytest.approx(last_eval[f"loss/{name}"] - dense_eval[f"loss/{name}"])
+        assert got["difference"] == pytest.approx(mean) and got["se"] == pytest.approx(se, rel=1e-9)
+    assert "Final eval loss minus the dense run's" in table
 
 
 @pytest.mark.parametrize(("cut_run", "cut_step", "killed"),

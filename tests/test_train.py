@@ -21,11 +21,12 @@ from safetensors.torch import load_file
 from mot import runs
 from mot.config import TrainConfig, config_from_dict, config_to_dict
 from mot.model import ModelInputs
+from mot.stats import ratio_standard_error
 from mot.train import checkpoint as ckpt
 from mot.train.errors import NonFiniteError, TrainingStopped
 from mot.train.metrics_log import read_log
 from mot.train.optim import clip_gradients, lr_factor, parameter_groups
-from mot.train.step import device_batch, micro_batch_losses, ratio_standard_error
+from mot.train.step import device_batch, micro_batch_losses
 from mot.train.trainer import Trainer, train
 from mot.vocab import UnifiedVocab
 from tests.conftest import tiny_config
@@ -250,6 +251,8 @@ def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tm
     assert out["se"] == pytest.approx(math.sqrt(12 / 11 * ((total - mean * counts.sum(1)) ** 2).sum())
                                       / counts.sum(), rel=1e-3)
     assert out["se"] > 0 and state.eval_loader.epoch == 0
+    np.testing.assert_allclose(out["micro_batches"]["sums"], sums, rtol=1e-5)  # logged for paired comparisons
+    assert out["micro_batches"]["counts"] == counts.tolist()
 
 
 @pytest.mark.parametrize(("eval_fraction", "eval_batches", "micro"), [(0.1, 6, 2), (0.6, 1, 4)])

@@ -21,6 +21,7 @@ from mot import runs
 from mot.data.loader import PackedBatch
 from mot.flops import attention_flops
 from mot.objectives.latents import LatentBatch
+from mot.stats import ratio_standard_error
 from mot.train.data import RankSlice
 from mot.train.errors import NonFiniteError
 from mot.train.metrics_log import MetricsLog
@@ -154,26 +155,16 @@ def update(state: TrainState, log: MetricsLog | None = None) -> Update:
     return Update(loss_sum, count, weighted, grad_norm, lr, applied=problem is None)
 
 
-def ratio_standard_error(sums: torch.Tensor, counts: torch.Tensor) -> float:
-    """Standard error of sum(sums) / sum(counts) as an estimate of the mean over the population the (B,) clusters
-    were drawn from (here micro-batches of held-out sequences; tokens within a sequence are not independent):
-    sqrt(B / (B - 1) * sum_b (s_b - mean * c_b)^2) / sum_b c_b, the delta method for a ratio. NaN below 2."""
-    total = float(counts.sum())
-    if len(sums) < 2 or total == 0:
-        return math.nan
-    residual = sums - (float(sums.sum()) / total) * counts
-    return math.sqrt(len(sums) / (len(sums) - 1) * float((residual ** 2).sum())) / total
-
-
 @torch.no_grad()
 def evaluate(state: TrainState) -> dict[str, float]:
     """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none).
 
     `se` and `se/NAME`: the standard errors of those losses with the micro-batches as clusters
-    (`ratio_standard_error`): the spread of the loss over held-out sets of this size (two such sets differ
-    by about 1.4 se). The micro-batches are consecutive slices of the held-out stream, so where neighbouring
-    documents are alike this underestimates it. Left out with fewer than 2 micro-batches, and when the
-    held-out set ran out and its batches repeat (the loader started it again)."""
+    (`mot.stats.ratio_standard_error`): the spread of the loss over held-out sets of this size (two such sets
+    differ by about 1.4 se). The micro-batches are consecutive slices of the held-out stream, so where
+    neighbouring documents are alike this underestimates it. `micro_batches`: their per-modality sums and
+    counts, for a paired comparison with another run (`mot compare`). Left out with fewer than 2
+    micro-batches, and when the held-out set ran out and its batches repeat (the loader started it again)."""
     if state.eval_loader is None:
         return {}
     acc, n = state.accelerator, len(state.names)
@@ -194,9 +185,11 @@ def evaluate(state: TrainState) -> dict[str, float]:
     if len(per_batch) >= 2 and state.eval_loader.epoch == first_epoch:  # distinct micro-batches
         if state.objective.weighted_is_a_ratio:
             weights = state.objective.loss_weights.cpu().double()
-            out["se"] = ratio_standard_error((sums * weights).sum(1), counts.sum(1))
-        out.update({f"se/{name}": ratio_standard_error(sums[:, i], counts[:, i])
+            out["se"] = ratio_standard_error((sums * weights).sum(1).tolist(), counts.sum(1).tolist())
+        out.update({f"se/{name}": ratio_standard_error(sums[:, i].tolist(), counts[:, i].tolist())
                     for i, name in enumerate(state.names) if float(count[i]) > 0})
+        # per micro-batch and modality: another run on the same batches gets a paired standard error (compare)
+        out["micro_batches"] = {"sums": sums.tolist(), "counts": counts.tolist()}
     diffusion = {m.name for m in state.cfg.model.modalities if m.is_diffusion}  # a squared error has no ppl
     out.update({f"ppl/{k[5:]}": math.exp(min(v, 50.0)) for k, v in list(out.items())
                 if k.startswith("loss/") and k[5:] not in diffusion})
