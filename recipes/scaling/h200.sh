@@ -34,7 +34,6 @@ data)
   if [ ! -d "$ICONS" ]; then
     dpkg -x data/debs/oxygen-icon-theme_*.deb data/icons
   fi
-  source="synthetic:scenes?seed=0&audio_fraction=0&icon_dir=$ICONS"
   if [ ! -f "$TOK/text/tokenizer.json" ]; then
     # the BPE is fit to samples of another seed, which no run trains or evaluates on
     "${MOT[@]}" tokenizer train text --data "synthetic:scenes?samples=4000&seed=99&audio_fraction=0&icon_dir=$ICONS" \
