@@ -219,7 +219,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
 
     from mot.config import ConfigError
     from mot.flops import dense_baseline
-    from mot.runs import list_checkpoints
+    from mot.runs import checkpoint_step, list_checkpoints
     from mot.train.loop import StopSignal
     from mot.train.trainer import train
 
@@ -238,7 +238,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
                                               train=dataclasses.replace(cfg.train, seed=seed))
                 run_dir = Path(cfg.train.out_dir) / variant.name
                 saved = list_checkpoints(run_dir / "checkpoints")
-                if resume and saved and int(saved[-1].name[5:]) >= cfg.train.steps:
+                if resume and saved and checkpoint_step(saved[-1]) >= cfg.train.steps:
                     print(f"mot compare: {variant.name} is finished")
                     folders.append(run_dir)
                     continue

@@ -32,13 +32,19 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint folder named by checkpoint_name."""
+    return int(Path(path).name[len(PREFIX):])
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints under `folder`, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[5:].isdigit()]
-    return sorted((p for p in found if all((p / f).is_file() for f in FILES)), key=lambda p: int(p.name[5:]))
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted((p for p in found if all((p / f).is_file() for f in FILES)), key=checkpoint_step)
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

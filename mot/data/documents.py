@@ -156,10 +156,15 @@ def _segment_from_dict(seg: Any, root: Path) -> Segment:
     raise ValueError(f"unknown segment type {kind!r} (expected 'text', 'image' or 'audio')")
 
 
+def pair_id(group: str, kind: str, order: str) -> str:
+    """The id of a captioned pair's document in one order: "<group>#image-text", "<group>#text-audio", ..."""
+    return f"{group}#{order.replace('media', kind)}"
+
+
 def pair_documents(group: str, kind: str, media: Segment, text: TextSegment, orders: tuple[str, ...]) -> list[Document]:
     """A captioned pair as one document per order: "<group>#image-text" [media, text], "#text-image" [text, media]."""
-    return [Document(f"{group}#{order.replace('media', kind)}", [media, text] if order == "media-text" else
-                     [text, media]) for order in orders]
+    return [Document(pair_id(group, kind, order), [media, text] if order == "media-text" else [text, media])
+            for order in orders]
 
 
 def _missing_files(doc: Document) -> list[Path]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from mot.data.documents import Document, DocumentSource, DocumentSourceError, HFDocuments
+from mot.data.documents import Document, DocumentSource, DocumentSourceError, HFDocuments, pair_id
 from mot.data.scenes import draws_audio
 from mot.data.synthetic_docs import _rng, members_of, scenes_options, tar_tasks
-from mot.data.tar_source import Skip, _documents, _stem
+from mot.data.tar_source import Skip, _documents, sample_group
 
 PREFIX = "synthetic:"
 
@@ -54,8 +54,8 @@ class SyntheticPart:
             audio = [draws_audio(_rng(seed, kind, index), self.task) for index in range(first, first + count)]
         else:
             return None
-        group = _stem(Path(self.task["path"]))
-        return [f"{group}/{index:09d}#{order.replace('media', media)}"
+        path = Path(self.task["path"])
+        return [pair_id(sample_group(path, f"{index:09d}"), media, order)
                 for index, has_audio in zip(range(first, first + count), audio, strict=True)
                 for media in (("image", "audio") if has_audio else ("image",))
                 for order in self.pair_orders]

@@ -79,6 +79,11 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix)]
 
 
+def sample_group(path: Path, key: str) -> str:
+    """The id group of a tar's sample (the part of its documents' ids before '#')."""
+    return f"{_stem(path)}/{key}"
+
+
 def split_key(name: str) -> tuple[str, str] | None:
     """webdataset's rule: "dir/000123.seg.jpg" -> ("dir/000123", "seg.jpg") (extension lower-cased); None for
     a basename without a dot."""
@@ -179,7 +184,7 @@ def _documents(path: Path, key: str, sample: dict[str, Any], pair_orders: tuple[
     media = [(kind, data) for kind, data in media if data is not None]
     if not media:
         return []
-    group = f"{_stem(path)}/{key}"
+    group = sample_group(path, key)
     caption, reason, problem = _caption(sample)
     if caption is None:
         skip(group, reason, f"{path}: sample {key!r}: {problem}")
