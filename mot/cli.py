@@ -127,6 +127,14 @@ def cmd_flops(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _loss_and_se(values: dict[str, float], key: str) -> str:
+    """`loss +- se` of a loss key ("loss/text": its "se/text"), "-" where the loss is missing."""
+    loss, se = values.get(key), values.get("se" + key[4:])
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + ("" if se is None or not math.isfinite(se) else f" +- {se:.4f}")
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from mot.train.trainer import train
 
@@ -141,16 +149,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if not main_process:
         return 0
     table = Table(title=f"{cfg.name}: step {result.step}, run folder {result.run_dir}")
-    for col in ("modality", "train loss (last window)", "eval loss", "eval perplexity"):
+    columns = ["modality", "train loss (last window)", "eval loss", "eval perplexity"]
+    if result.final_eval:  # train.final_eval_batches: the larger evaluation of the last step
+        columns.append(f"final eval loss +- se ({cfg.train.final_eval_batches} batches)")
+    for col in columns:
         table.add_column(col, justify="left" if col == "modality" else "right")
     diffusion = {f"loss/{m.name}" for m in cfg.model.modalities if m.is_diffusion}  # an MSE: no perplexity
     for key in ("loss", *(f"loss/{m.name}" for m in cfg.model.modalities)):
         train_loss, eval_loss = result.train_loss.get(key), result.eval_loss.get(key)
+        cells = [f"{train_loss:.4f}" if train_loss is not None else "-",
+                 f"{eval_loss:.4f}" if eval_loss is not None else "-",
+                 "-" if eval_loss is None or key in diffusion or (key == "loss" and diffusion)
+                 else f"{math.exp(eval_loss):.2f}"]
+        if result.final_eval:
+            cells.append(_loss_and_se(result.final_eval, key))
         table.add_row("all (weighted)" if key == "loss" else key[5:] + (" (diffusion MSE)" if key in diffusion else ""),
-                      f"{train_loss:.4f}" if train_loss is not None else "-",
-                      f"{eval_loss:.4f}" if eval_loss is not None else "-",
-                      "-" if eval_loss is None or key in diffusion or (key == "loss" and diffusion)
-                      else f"{math.exp(eval_loss):.2f}")
+                      *cells)
     console.print(table)
     console.print(f"checkpoint: {result.checkpoint}\nloss curves: {result.plot}")
     if args.recipe is None:  # the README's main job: show what the demo model generates
@@ -184,7 +198,9 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     report = compare_runs(runs, out)
     console = wide_console()
     console.print(markdown_table(report, report["keys"]))
-    console.print(f"written: {out / 'compare.png'}, {out / 'compare.md'}, {out / 'compare.json'}")
+    written = ["compare.png", *([report["differences_plot"]] if "differences_plot" in report else []),
+               "compare.md", "compare.json"]
+    console.print("written: " + ", ".join(str(out / name) for name in written))
     return 0
 
 
@@ -223,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with --recipe: retrain runs that already exist")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="with --recipe: train both variants for each of these train.seed values; the report gives "
-                        "the band over seeds (default: the recipe's seed)")
+                        "the band over seeds; runs are named NAME-dense-sSEED, NAME-mot-sSEED (default: the recipe's "
+                        "seed, runs NAME-dense, NAME-mot)")
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -10,6 +10,11 @@ the first dense run; else the first run). The crossing is interpolated linearly 
 evaluations around it; a curve that never gets down to the dense loss is "not reached". With several seeds,
 the fractions of the MoT runs of one variant are summarised as mean, min and max: the band over seeds.
 
+The FLOPs and wall-clock to match use the periodic eval rows (one held-out set along the whole curve). The
+final losses' standard errors and the paired MoT-minus-dense differences use the runs' `final_eval` rows (a
+larger held-out set at the last step, train.final_eval_batches) where a run and its dense run both have one
+over the same micro-batches, else their last eval rows; the report names the set and its tokens.
+
 Wall-clock: the log's `wall_s` sums the training steps alone (start-up, data preparation and evaluations are
 outside it). From that sum this takes out the warm-up, what steps took beyond the steady step time (compile
 and recompiles, CUDA graph capture, cold caches): each log window's excess over the run's median step time.
@@ -18,6 +23,7 @@ The warm-up is reported per run beside the compile-free wall-clock-to-match and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -45,6 +51,7 @@ class RunCurves:
     trains: tuple[dict[str, Any], ...] = ()  # train rows in step order (step_ms of each log window)
     model_modalities: tuple[dict[str, Any], ...] = ()  # config.json's model.modalities (loss weights)
     diffusion: bool = False  # some modality is trained by diffusion: the weighted loss is no single ratio
+    final_eval: dict[str, Any] | None = None  # the log's final_eval row (train.final_eval_batches), if any
 
     def curve(self, key: str, x: str = "flops") -> list[tuple[float, float]]:
         return [(row[x], row[key]) for row in self.evals if row.get(key) is not None and row.get(x) is not None]
@@ -61,12 +68,14 @@ def load_run(folder: str | Path) -> RunCurves:
     if not evals:
         raise CompareError(f"{folder}: the log holds no evaluation; train with data.eval_fraction > 0")
     trains = tuple(sorted((r for r in rows if r["kind"] == "train" and "step_ms" in r), key=lambda r: r["step"]))
+    finals = sorted((r for r in rows if r["kind"] == "final_eval"), key=lambda r: r["step"])  # none in older logs
     modalities = [m["name"] for m in cfg["model"]["modalities"]]
     dense = not cfg["model"]["untie"] or len(modalities) == 1
     return RunCurves(cfg.get("name", folder.name), folder, dense, modalities, evals,
                      seed=cfg.get("train", {}).get("seed", 0), untie=tuple(cfg["model"]["untie"]), trains=trains,
                      model_modalities=tuple(cfg["model"]["modalities"]),
-                     diffusion=any(m.get("objective", "ar") == "diffusion" for m in cfg["model"]["modalities"]))
+                     diffusion=any(m.get("objective", "ar") == "diffusion" for m in cfg["model"]["modalities"]),
+                     final_eval=finals[-1] if finals else None)
 
 
 def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -137,7 +146,7 @@ def with_compute_wall(run: RunCurves) -> RunCurves:
         spent = next((w for step, w in reversed(warmup) if step <= row["step"]), 0.0) if warmup else None
         wall = row.get("wall_s")
         evals.append({**row, "wall_compute_s": None if wall is None or spent is None else wall - spent})
-    return RunCurves(run.name, run.folder, run.dense, run.modalities, evals, run.seed, run.untie, run.trains)
+    return dataclasses.replace(run, evals=evals)
 
 
 # ---------------------------------------------------------------- the report
@@ -170,19 +179,27 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
     for run in runs:
         final, steady = run.evals[-1], steady_step_s(run)
         warmup = warmup_by_step(run)
+        ref = reference_for(run, runs)
+        noise_row, _, noise_set = final_rows(run, ref)
         entry = {
             "name": run.name, "folder": str(run.folder), "dense": run.dense, "seed": run.seed,
             "untie": list(run.untie), "steps": final["step"], "flops": final["flops"], "wall_s": final.get("wall_s"),
             "wall_compute_s": final.get("wall_compute_s"), "warmup_s": warmup[-1][1] if warmup else None,
-            "steady_step_s": steady, "final_eval": {k: final[k] for k in keys if k in final},
-            "final_eval_se": {k: final[se_key(k)] for k in keys
-                              if isinstance(final.get(se_key(k)), float) and math.isfinite(final[se_key(k)])},
+            "steady_step_s": steady, "final_eval": losses(final, keys),
+            "final_eval_se": standard_errors(noise_row, keys),
+            "final_eval_se_loss": losses(noise_row, keys),  # the losses of the row the se's belong to
+            "final_eval_se_from": held_out_set(noise_row, noise_set),
         }
-        ref = reference_for(run, runs)
+        if run.final_eval is not None:  # the larger final evaluation (train.final_eval_batches)
+            entry.update(final_eval_large=losses(run.final_eval, keys),
+                         final_eval_large_se=standard_errors(run.final_eval, keys),
+                         final_eval_large_tokens=held_out_tokens(run.final_eval))
         if run is not ref:
             ref_steady = steady_step_s(ref)
+            row, _, kind = final_rows(run, ref)
             entry.update(
                 final_eval_difference=paired_difference(run, ref, keys),
+                final_eval_difference_from=held_out_set(row, kind),
                 reference=ref.name,
                 flops_fraction_to_match_reference=matching_fractions(ref, run, keys),
                 wall_fraction_to_match_reference=(matching_fractions(ref, run, keys, "wall_compute_s")
@@ -204,6 +221,8 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _plot(runs, keys, out / "compare.png")
+    if _plot_differences(runs, keys, out / "compare_differences.png"):
+        report["differences_plot"] = "compare_differences.png"
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     (out / "compare.md").write_text(markdown_table(report, keys))
     return report
@@ -212,8 +231,9 @@ def compare_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
 def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = False,
                 overwrite: bool = False) -> list[Path]:
     """Train the recipe's dense baseline and its MoT model for each seed (same data order per seed: only the
-    untied parameters differ); their run folders. Run names: NAME-dense, NAME-mot (NAME-dense-s1, ... with
-    several seeds)."""
+    untied parameters differ); their run folders. Run names: NAME-dense, NAME-mot with the recipe's seed;
+    NAME-dense-s1, NAME-mot-s1, ... with seeds given, so that runs of one seed started apart (another call,
+    a --resume) keep their names."""
     import dataclasses
     import os
 
@@ -225,6 +245,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
 
     if cfg.model.is_dense:
         raise ConfigError(f"{where}: model.untie is empty: the recipe is already the dense baseline")
+    suffixed = bool(seeds)
     seeds = seeds or [cfg.train.seed]
     folders = []
     # One process checks for a stop between runs; several agree inside the next run, at its first log step
@@ -232,7 +253,7 @@ def train_pairs(cfg, where: str, seeds: list[int] | None = None, resume: bool = 
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with StopSignal() as stop:  # a signal during one run's last step stops the next one from starting
         for seed in seeds:
-            suffix = f"-s{seed}" if len(seeds) > 1 else ""
+            suffix = f"-s{seed}" if suffixed else ""
             for label, model in (("dense", dense_baseline(cfg.model)), ("mot", cfg.model)):
                 variant = dataclasses.replace(cfg, name=f"{cfg.name}-{label}{suffix}", model=model,
                                               train=dataclasses.replace(cfg.train, seed=seed))
@@ -280,6 +301,55 @@ def _plot(runs: list[RunCurves], keys: list[str], out_png: Path) -> None:
     plt.close(fig)
 
 
+def _plot_differences(runs: list[RunCurves], keys: list[str], out_png: Path) -> bool:
+    """compare_differences.png: per loss key, each MoT run's eval loss minus its dense run's against training
+    FLOPs, with a band of 2 paired standard errors, and each further dense seed minus the first dense run
+    (grey, dashed): the seed spread the gap has to exceed. False (nothing written) without paired rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dense = [r for r in runs if r.dense]
+    pairs = [(r, reference_for(r, runs), False) for r in runs if not r.dense and dense]
+    pairs += [(r, dense[0], True) for r in dense[1:]]
+    curves = [(run, ref, spread, difference_curves(run, ref, keys)) for run, ref, spread in pairs]
+    if not any(points for *_, c in curves for points in c.values()):
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    legend: dict[str, Any] = {}
+    for col, key in enumerate(keys):
+        ax = axes[0][col]
+        ax.axhline(0.0, color="black", lw=0.8)
+        late = []  # the differences past the first quarter set the scale: early ones are large and noisy
+        for i, (run, ref, spread, c) in enumerate(curves):
+            if not c[key]:
+                continue
+            x, d, se = (np.array(v) for v in zip(*c[key], strict=True))
+            label = f"{run.name} - {ref.name}" + (" (seed spread)" if spread else "")
+            if spread:  # one grey per further dense seed
+                legend[label], = ax.plot(x, d, ls="--", color=str(0.25 + 0.5 * i / len(curves)), lw=1)
+            else:
+                legend[label], = ax.plot(x, d, marker="o", ms=3, color=f"C{i}")
+                ax.fill_between(x, d - 2 * se, d + 2 * se, color=f"C{i}", alpha=0.2, lw=0)
+            late += list(d[x >= x.max() / 4])
+        if late:
+            pad = 0.15 * (max(late) - min(late)) + 1e-4
+            ax.set_ylim(min(min(late), 0.0) - pad, max(max(late), 0.0) + pad)
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("eval loss difference (nats)")
+        ax.set_title("all modalities (weighted)" if key == "loss" else key.split("/", 1)[1])
+        ax.grid(alpha=0.3)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("MoT minus the dense run of its seed (band: 2 paired standard errors); dense seeds minus the "
+                 "first (dashed)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(legend) - 1) // 2), 1, 0.95))
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fraction(value: float | None) -> str:
     return "not reached" if value is None else f"{100 * value:.1f}%"
 
@@ -291,14 +361,61 @@ def _band(summary: dict[str, Any]) -> str:
     return f"{100 * summary['mean']:.1f}% ({100 * summary['min']:.1f}-{100 * summary['max']:.1f}%{reached})"
 
 
+def same_batches(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two evaluation rows log per-micro-batch sums over the same micro-batches (equal counts)."""
+    ma, mb = a.get("micro_batches"), b.get("micro_batches")
+    return bool(ma) and bool(mb) and ma["counts"] == mb["counts"]
+
+
+def final_rows(run: RunCurves, reference: RunCurves) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The final evaluation rows of a run and of its reference, and their kind: both final_eval rows (the
+    larger held-out set) where both runs have one over the same micro-batches, else both last eval rows."""
+    if run.final_eval is not None and reference.final_eval is not None and same_batches(run.final_eval,
+                                                                                          reference.final_eval):
+        return run.final_eval, reference.final_eval, "final_eval"
+    return run.evals[-1], reference.evals[-1], "eval"
+
+
+def held_out_tokens(row: dict[str, Any]) -> int | None:
+    """The predictions an evaluation row averages over, all modalities (its micro-batches' counts, else its
+    tokens/NAME counts); None if it logs neither."""
+    if row.get("micro_batches"):
+        return int(sum(sum(c) for c in row["micro_batches"]["counts"]))
+    counts = [v for k, v in row.items() if k.startswith("tokens/")]
+    return int(sum(counts)) if counts else None
+
+
+def held_out_set(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Which evaluation a table's figures come from: the row kind ("final_eval" or "eval") and its tokens."""
+    return {"rows": kind, "tokens": held_out_tokens(row)}
+
+
+def losses(row: dict[str, Any], keys: list[str]) -> dict[str, float]:
+    return {k: row[k] for k in keys if k in row}
+
+
+def standard_errors(row: dict[str, Any], keys: list[str]) -> dict[str, float]:
+    """The row's finite standard error of each loss key."""
+    return {k: row[se_key(k)] for k in keys
+            if isinstance(row.get(se_key(k)), float) and math.isfinite(row[se_key(k)])}
+
+
 def paired_difference(run: RunCurves, reference: RunCurves, keys: list[str]) -> dict[str, dict[str, float]]:
-    """Per loss key: the final eval loss of `run` minus the reference's, and the standard error of that
+    """Per loss key: the final loss of `run` minus the reference's, and the standard error of that
     difference from their per-micro-batch sums (mot.stats: the runs were evaluated on the same held-out
-    batches, so most of each one's sampling error cancels); {} where either log lacks them or the batches
-    differ (another held-out set)."""
-    a, b = run.evals[-1].get("micro_batches"), reference.evals[-1].get("micro_batches")
-    if not a or not b or a["counts"] != b["counts"]:
+    batches, so most of each one's sampling error cancels); over their final_eval rows where both have
+    matching ones, else their last eval rows (`final_rows`). {} where either row lacks the sums or the
+    batches differ (another held-out set)."""
+    row, ref_row, _ = final_rows(run, reference)
+    return rows_difference(run, row, ref_row, keys)
+
+
+def rows_difference(run: RunCurves, row: dict[str, Any], ref_row: dict[str, Any], keys: list[str]
+                    ) -> dict[str, dict[str, float]]:
+    """`paired_difference` of two given evaluation rows (the run's and its reference's, same held-out batches)."""
+    if not same_batches(row, ref_row):
         return {}
+    a, b = row["micro_batches"], ref_row["micro_batches"]
     names = run.modalities
     weights = [m.get("loss_weight", 1.0) for m in run.model_modalities] if run.model_modalities else [1.0] * len(names)
     out = {}
@@ -313,16 +430,42 @@ def paired_difference(run: RunCurves, reference: RunCurves, keys: list[str]) -> 
             i = names.index(key.split("/", 1)[1])
             diffs = [sa[i] - sb[i] for sa, sb in zip(a["sums"], b["sums"], strict=True)]
             counts = [c[i] for c in a["counts"]]
-        if key in run.evals[-1] and key in reference.evals[-1] and sum(counts) > 0:
+        if key in row and key in ref_row and sum(counts) > 0:
             se = ratio_standard_error(diffs, counts)
             if math.isfinite(se):
-                out[key] = {"difference": run.evals[-1][key] - reference.evals[-1][key], "se": se}
+                out[key] = {"difference": row[key] - ref_row[key], "se": se}
+    return out
+
+
+def difference_curves(run: RunCurves, reference: RunCurves, keys: list[str]
+                      ) -> dict[str, list[tuple[float, float, float]]]:
+    """Per loss key, (training FLOPs, run minus reference eval loss, its paired standard error) at every step
+    both evaluated on the same batches: how the gap between two runs grows, with its noise."""
+    by_step = {row["step"]: row for row in reference.evals}
+    out: dict[str, list[tuple[float, float, float]]] = {key: [] for key in keys}
+    for row in run.evals:
+        ref_row = by_step.get(row["step"])
+        if ref_row is None or row.get("flops") is None:
+            continue
+        for key, d in rows_difference(run, row, ref_row, keys).items():
+            out[key].append((row["flops"], d["difference"], d["se"]))
     return out
 
 
 def se_key(key: str) -> str:
     """The eval row's standard error of a loss key: loss -> se, loss/text -> se/text."""
     return "se" + key[4:]
+
+
+HELD_OUT_SETS = ("Held-out set: final_eval, the larger evaluation of the last step (train.final_eval_batches), "
+                 "where the run and its dense run both have one over the same micro-batches; else eval, the last "
+                 "periodic evaluation. Tokens: the predictions it averages over, all modalities.")
+
+
+def _held_out(used: dict[str, Any] | None) -> str:
+    if not used:
+        return "-"
+    return used["rows"] + ("" if used["tokens"] is None else f" ({used['tokens']:,} tokens)")
 
 
 def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
@@ -351,23 +494,28 @@ def markdown_table(report: dict[str, Any], keys: list[str]) -> str:
                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if warmup is None else f'{warmup:.1f}'} |")
     noise = [run for run in report["runs"] if run.get("final_eval_se")]
     if noise:
-        lines += ["", "Evaluation noise: the standard error of each final eval loss, the evaluation's "
+        lines += ["", "Evaluation noise: each final eval loss +- its standard error, the evaluation's "
                   "micro-batches as clusters (two held-out sets of this size differ by about 1.4 se; the runs "
-                  "share one set, so their differences vary less)", "",
-                  "| run | " + " | ".join(f"se {n}" for n in names) + " |", "|---" * (1 + len(keys)) + "|"]
+                  "share one set, so their differences vary less). " + HELD_OUT_SETS, "",
+                  "| run | " + " | ".join(f"{n} +- se" for n in names) + " | held-out set |",
+                  "|---" * (2 + len(keys)) + "|"]
         for run in noise:
+            loss = run.get("final_eval_se_loss", {})
             lines.append(f"| {run['name']} | " + " | ".join(
-                f"{run['final_eval_se'][k]:.4f}" if k in run["final_eval_se"] else "-" for k in keys) + " |")
+                (f"{loss[k]:.4f} +- " if k in loss else "") + f"{run['final_eval_se'][k]:.4f}"
+                if k in run["final_eval_se"] else "-" for k in keys)
+                + f" | {_held_out(run.get('final_eval_se_from'))} |")
     paired = [run for run in report["runs"] if run.get("final_eval_difference")]
     if paired:
         lines += ["", "Final eval loss minus the dense run's (same seed), +- the standard error of the difference "
-                  "(paired: both runs were evaluated on the same held-out batches)", "",
-                  "| run | " + " | ".join(names) + " |", "|---" * (1 + len(keys)) + "|"]
+                  "(paired: both runs were evaluated on the same held-out batches). " + HELD_OUT_SETS, "",
+                  "| run | " + " | ".join(names) + " | held-out set |", "|---" * (2 + len(keys)) + "|"]
         for run in paired:
             cells = [f"{run['final_eval_difference'][k]['difference']:+.4f} +- "
                      f"{run['final_eval_difference'][k]['se']:.4f}" if k in run["final_eval_difference"] else "-"
                      for k in keys]
-            lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {run['name']} | " + " | ".join(cells)
+                         + f" | {_held_out(run.get('final_eval_difference_from'))} |")
     for group in report.get("bands", []):
         if len(group["seeds"]) < 2:
             continue

@@ -64,6 +64,11 @@ def check_run_config(cfg: RunConfig, fail: Fail) -> None:
                 "checkpoint_every", "max_skipped_steps"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.final_eval_batches < 0:
+        fail("train.final_eval_batches", f"must be >= 0 (0 = no final evaluation), got {t.final_eval_batches}")
+    if 0 < t.final_eval_batches <= t.eval_batches:
+        fail("train.final_eval_batches", f"({t.final_eval_batches}) must exceed train.eval_batches "
+                                         f"({t.eval_batches}): it is the larger final evaluation (0 = none)")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         fail("train.micro_batch_size", f"({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if t.lr <= 0:
@@ -103,6 +108,8 @@ def check_run_config(cfg: RunConfig, fail: Fail) -> None:
     d = cfg.data
     if not 0 <= d.eval_fraction < 1:
         fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    if t.final_eval_batches and not d.eval_fraction:
+        fail("train.final_eval_batches", f"({t.final_eval_batches}) needs a held-out set: data.eval_fraction is 0")
     if not 0 <= d.condition_dropout <= 1:
         fail("data.condition_dropout", f"must be in [0, 1], got {d.condition_dropout}")
     if d.prepare_workers < 0:

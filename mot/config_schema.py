@@ -195,6 +195,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 4  # global batches (train.batch_size sequences each) per evaluation
+    # A larger evaluation once, at the last step (a "final_eval" log row beside the last "eval" one), for final
+    # losses with smaller standard errors; its batches start with the periodic ones. 0 = none; else more
+    # than eval_batches.
+    final_eval_batches: int = 0
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 3
     tensorboard: bool = True

@@ -151,7 +151,8 @@ def test_compare_recipe_trains_dense_and_mot_and_writes_the_table(tmp_path):
     assert report["runs"][3]["final_eval_se"] == {"loss": last_eval["se"], "loss/text": last_eval["se/text"],
                                                   "loss/image": last_eval["se/image"],
                                                   "loss/speech": last_eval["se/speech"]}
-    assert "Evaluation noise" in table and f"| tiny-mot-s1 | {last_eval['se']:.4f} |" in table
+    assert "Evaluation noise" in table
+    assert f"| tiny-mot-s1 | {last_eval['loss']:.4f} +- {last_eval['se']:.4f} |" in table
     # MoT minus dense on the same held-out batches, with the standard error of the paired difference
     dense_eval = [r for r in read_log(tmp_path / "runs" / "tiny-dense-s1" / "log.jsonl") if r["kind"] == "eval"][-1]
     mot, dense = last_eval["micro_batches"], dense_eval["micro_batches"]
@@ -221,3 +222,160 @@ def test_compare_recipe_stopped_by_a_signal_resumes_each_run_where_it_stopped(tm
         assert (summary["step"], summary["steps"]) == (6, 6) and summary["eval"]["loss"] == b[-1]["loss"]
     report = json.loads((cut / "runs" / "tiny-compare" / "compare.json").read_text())
     assert [r["name"] for r in report["runs"]] == ["tiny-dense", "tiny-mot"]
+
+
+def test_one_seed_given_names_its_runs_by_the_seed_so_a_later_call_finds_them(tmp_path, capsys):
+    """The GPU machine runs one seed per call (`h200.sh train 2`): `--seeds 2` names the runs NAME-dense-s2 and
+    NAME-mot-s2, as `--seeds 0 1 2` would, and a later `--resume` with the same seed leaves them alone."""
+    from mot.cli import main
+
+    shards = make_shards(tmp_path / "shards")
+    write_recipe(tmp_path / "tiny.toml", run_config(shards, tmp_path / "runs", steps=2, eval_every=0,
+                                                     checkpoint_every=0))
+    assert main(["compare", "--recipe", str(tmp_path / "tiny.toml"), "--seeds", "2"]) == 0
+    for name in ("tiny-dense-s2", "tiny-mot-s2"):
+        assert json.loads((tmp_path / "runs" / name / "config.json").read_text())["train"]["seed"] == 2
+    assert not (tmp_path / "runs" / "tiny-dense").exists()
+    capsys.readouterr()
+    assert main(["compare", "--recipe", str(tmp_path / "tiny.toml"), "--seeds", "2", "--resume"]) == 0
+    assert "mot compare: tiny-mot-s2 is finished" in capsys.readouterr().out
+
+
+WEIGHTS = (1.0, 0.5)  # text, image: the weighted loss of the paired table weighs each modality's sums
+
+
+def _evaluation(sums: np.ndarray, counts: np.ndarray, step: int) -> dict:
+    """An evaluation row as `mot train` logs it, from per-micro-batch sums and counts (text, image); its se's are
+    markers (step / 1000 + 0.001 per modality) to tell which row a table read."""
+    row = {"step": step, "flops": float(step), "wall_s": float(step),
+           "loss": float((sums * WEIGHTS).sum() / counts.sum()), "se": step / 1000,
+           "micro_batches": {"sums": sums.tolist(), "counts": counts.tolist()}}
+    for i, name in enumerate(("text", "image")):
+        row.update({f"loss/{name}": float(sums[:, i].sum() / counts[:, i].sum()),
+                    f"se/{name}": step / 1000 + 0.001 * (i + 1), f"tokens/{name}": int(counts[:, i].sum())})
+    return row
+
+
+def _evaluated_run(folder: Path, name: str, untie: list[str], evals: list[tuple[np.ndarray, np.ndarray]],
+                   final: tuple[np.ndarray, np.ndarray] | None) -> Path:
+    """A run with an eval row at steps 10, 20, ... and, if given, a final_eval row at its last step."""
+    folder.mkdir(parents=True)
+    modalities = [{"name": "text", "loss_weight": WEIGHTS[0]}, {"name": "image", "loss_weight": WEIGHTS[1]}]
+    (folder / "config.json").write_text(json.dumps({"name": name, "train": {"seed": 0},
+                                                    "model": {"untie": untie, "modalities": modalities}}))
+    rows = [{"kind": "eval", **_evaluation(s, c, 10 * (i + 1))} for i, (s, c) in enumerate(evals)]
+    if final is not None:
+        rows.append({"kind": "final_eval", **_evaluation(*final, 10 * len(evals)), "se": 0.5})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _held_out(rng: np.random.Generator, batches: int, counts: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    counts = rng.integers(20, 60, size=(batches, 2)).astype(float) if counts is None else counts
+    return rng.gamma(4.0, 0.5, size=(batches, 2)) * counts, counts
+
+
+def _paired_by_hand(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple]:
+    """Per loss key, the difference of the two runs' losses and its clustered standard error, in numpy."""
+    (sa, counts), (sb, _) = a, b
+    out = {}
+    for key, diffs, c in (("loss", ((sa - sb) * WEIGHTS).sum(1), counts.sum(1)),
+                          ("loss/text", sa[:, 0] - sb[:, 0], counts[:, 0]),
+                          ("loss/image", sa[:, 1] - sb[:, 1], counts[:, 1])):
+        mean = diffs.sum() / c.sum()
+        out[key] = (mean, np.sqrt(len(c) / (len(c) - 1) * ((diffs - mean * c) ** 2).sum()) / c.sum())
+    return out
+
+
+def test_the_paired_table_uses_the_larger_final_evaluation_when_both_runs_have_one(tmp_path):
+    rng = np.random.default_rng(0)
+    counts, final_counts = (rng.integers(20, 60, size=(n, 2)).astype(float) for n in (4, 40))
+    dense_evals = [_held_out(rng, 4, counts), _held_out(rng, 4, counts)]
+    mot_evals = [_held_out(rng, 4, counts), _held_out(rng, 4, counts)]
+    dense_final, mot_final = _held_out(rng, 40, final_counts), _held_out(rng, 40, final_counts)
+    dense = _evaluated_run(tmp_path / "d", "d", [], dense_evals, dense_final)
+    mot = _evaluated_run(tmp_path / "m", "m", ["ffn"], mot_evals, mot_final)
+    report = compare_runs([dense, mot], tmp_path / "out")
+    d, m = report["runs"]
+    tokens = int(final_counts.sum())
+    assert m["final_eval_difference_from"] == {"rows": "final_eval", "tokens": tokens}
+    for key, (difference, se) in _paired_by_hand(mot_final, dense_final).items():
+        assert m["final_eval_difference"][key]["difference"] == pytest.approx(difference, rel=1e-9), key
+        assert m["final_eval_difference"][key]["se"] == pytest.approx(se, rel=1e-9), key
+    # the noise table: each run's final_eval row (se 0.5, se/text 0.021, se/image 0.022), not its last eval row's
+    assert d["final_eval_se"] == m["final_eval_se"] == {"loss": 0.5, "loss/text": 0.021, "loss/image": 0.022}
+    assert d["final_eval_se_from"] == m["final_eval_se_from"] == {"rows": "final_eval", "tokens": tokens}
+    assert m["final_eval_large"]["loss/image"] == pytest.approx(mot_final[0][:, 1].sum() / final_counts[:, 1].sum())
+    assert m["final_eval_large_se"]["loss"] == 0.5 and m["final_eval_large_tokens"] == tokens
+    # the curve's figures stay on the periodic evaluations
+    assert m["final_eval"]["loss/text"] == pytest.approx(mot_evals[-1][0][:, 0].sum() / counts[:, 0].sum())
+    assert m["flops"] == 20.0
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert table.count(f"| final_eval ({tokens:,} tokens) |") == 3  # two noise rows, one paired row
+    large = [mot_final[0][:, :].dot(WEIGHTS).sum() / final_counts.sum(),
+             *(mot_final[0][:, i].sum() / final_counts[:, i].sum() for i in range(2))]
+    # the loss beside each se is the larger set's, the row the se belongs to (not the periodic final loss)
+    assert (f"| m | {large[0]:.4f} +- 0.5000 | {large[1]:.4f} +- 0.0210 | {large[2]:.4f} +- 0.0220 | "
+            f"final_eval ({tokens:,} tokens) |") in table
+
+
+@pytest.mark.parametrize("why", ["mot has none", "other micro-batches", "older log"])
+def test_the_paired_table_falls_back_to_the_last_eval_rows(tmp_path, why):
+    rng = np.random.default_rng(1)
+    counts = rng.integers(20, 60, size=(4, 2)).astype(float)
+    dense_evals, mot_evals = [_held_out(rng, 4, counts)], [_held_out(rng, 4, counts)]
+    dense_final = None if why == "older log" else _held_out(rng, 12)
+    mot_final = {"mot has none": None, "older log": None, "other micro-batches": _held_out(rng, 12)}[why]
+    dense = _evaluated_run(tmp_path / "d", "d", [], dense_evals, dense_final)
+    mot = _evaluated_run(tmp_path / "m", "m", ["ffn"], mot_evals, mot_final)
+    assert (load_run(mot).final_eval is None) == (mot_final is None)
+    report = compare_runs([dense, mot], tmp_path / "out")
+    d, m = report["runs"]
+    tokens = int(counts.sum())
+    assert m["final_eval_difference_from"] == m["final_eval_se_from"] == {"rows": "eval", "tokens": tokens}
+    for key, (difference, se) in _paired_by_hand(mot_evals[-1], dense_evals[-1]).items():
+        assert m["final_eval_difference"][key]["difference"] == pytest.approx(difference, rel=1e-9), key
+        assert m["final_eval_difference"][key]["se"] == pytest.approx(se, rel=1e-9), key
+    assert m["final_eval_se"] == {"loss": 0.01, "loss/text": 0.011, "loss/image": 0.012}  # the step-10 eval row
+    assert ("final_eval_large" in m) == (mot_final is not None)
+    # the dense run, its own reference, reads its own final_eval row where it has one
+    assert d["final_eval_se_from"]["rows"] == ("eval" if dense_final is None else "final_eval")
+    table = (tmp_path / "out" / "compare.md").read_text()
+    s, c = mot_evals[-1]
+    last = [s.dot(WEIGHTS).sum() / c.sum(), *(s[:, i].sum() / c[:, i].sum() for i in range(2))]
+    assert (f"| m | {last[0]:.4f} +- 0.0100 | {last[1]:.4f} +- 0.0110 | {last[2]:.4f} +- 0.0120 | "
+            f"eval ({tokens:,} tokens) |") in table
+
+
+def test_the_difference_curves_give_each_steps_paired_gap_and_are_plotted(tmp_path):
+    """compare_differences.png: MoT minus dense at every evaluation both made on the same batches, with the
+    paired standard error of each (numpy by hand); none where a step's batches differ, no plot without sums."""
+    from mot.compare import difference_curves
+
+    rng = np.random.default_rng(2)
+    counts = rng.integers(20, 60, size=(5, 2)).astype(float)
+    dense_evals = [_held_out(rng, 5, counts) for _ in range(3)]
+    mot_evals = [_held_out(rng, 5, counts) for _ in range(2)] + [_held_out(rng, 5)]  # step 30: other batches
+    dense = _evaluated_run(tmp_path / "d", "d", [], dense_evals, None)
+    mot = _evaluated_run(tmp_path / "m", "m", ["ffn"], mot_evals, None)
+    curves = difference_curves(load_run(mot), load_run(dense), ["loss", "loss/text", "loss/image"])
+    for key, points in curves.items():
+        assert [x for x, _, _ in points] == [10.0, 20.0], key  # the eval rows' flops are their steps
+        for (_, difference, se), m, d in zip(points, mot_evals, dense_evals, strict=False):
+            expected_difference, expected_se = _paired_by_hand(m, d)[key]
+            assert difference == pytest.approx(expected_difference, rel=1e-9)
+            assert se == pytest.approx(expected_se, rel=1e-9)
+    report = compare_runs([dense, mot], tmp_path / "out")
+    assert report["differences_plot"] == "compare_differences.png"
+    assert (tmp_path / "out" / "compare_differences.png").stat().st_size > 0
+
+    bare = tmp_path / "bare"
+    for folder in (dense, mot):
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        (bare / folder.name).mkdir(parents=True)
+        (bare / folder.name / "config.json").write_text((folder / "config.json").read_text())
+        (bare / folder.name / "log.jsonl").write_text(
+            "".join(json.dumps({k: v for k, v in r.items() if k != "micro_batches"}) + "\n" for r in log))
+    report = compare_runs([bare / "d", bare / "m"], tmp_path / "out_bare")
+    assert "differences_plot" not in report and not (tmp_path / "out_bare" / "compare_differences.png").exists()

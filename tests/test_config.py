@@ -155,3 +155,20 @@ def test_master_weights_need_bf16_precision(recipe):
     with pytest.raises(ConfigError, match=r"'train.master_weights' needs bf16 precision"):
         load_config(recipe, ["--train.master_weights=true", "--train.precision=fp32"])
     assert load_config(recipe, ["--train.master_weights=true", "--train.precision=bf16"]).train.master_weights
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--train.eval_batches=4", "--train.final_eval_batches=4"],
+         r"'train.final_eval_batches' \(4\) must exceed train.eval_batches \(4\)"),
+        (["--train.eval_batches=4", "--train.final_eval_batches=2"],
+         r"'train.final_eval_batches' \(2\) must exceed train.eval_batches \(4\)"),
+        (["--train.final_eval_batches=-1"], r"'train.final_eval_batches' must be >= 0"),
+    ],
+)
+def test_final_eval_batches_is_zero_or_more_than_eval_batches(recipe, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, overrides)
+    assert load_config(recipe).train.final_eval_batches == 0  # none by default
+    assert load_config(recipe, ["--train.eval_batches=4", "--train.final_eval_batches=5"]).train.final_eval_batches == 5

@@ -211,6 +211,24 @@ def test_ratio_standard_error_against_the_plain_formula_and_by_simulation():
     assert math.isnan(ratio_standard_error(torch.tensor([1.0]), torch.tensor([1.0])))
 
 
+def held_out_losses_by_hand(state, batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per micro-batch and modality, the loss sums and prediction counts of the first `batches` global batches
+    of the held-out stream: the model's logits and a float64 cross-entropy, one process."""
+    state.eval_loader.load_state_dict(state.eval_start)
+    sums, counts = [], []
+    for _ in range(batches * state.accum):
+        batch = next(state.eval_loader)
+        with torch.no_grad():
+            logits = state.model(ModelInputs(batch.tokens, batch.modality, batch.positions,
+                                             batch.attn_mask())).logits
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch.tokens[:, 1:].flatten(),
+                                 reduction="none")
+        target_modality = batch.modality[:, 1:].flatten()
+        sums.append([float(losses[target_modality == m].sum()) for m in range(len(state.names))])
+        counts.append([float((target_modality == m).sum()) for m in range(len(state.names))])
+    return np.array(sums), np.array(counts)
+
+
 def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tmp_path, monkeypatch):
     cfg = run_config(shards, tmp_path, steps=2, eval_batches=6, micro_batch_size=2)
     cfg.data.eval_fraction = 0.6  # enough held-out documents for 6 batches without repeating them
@@ -227,19 +245,7 @@ def test_evaluation_reports_the_standard_error_over_its_micro_batches(shards, tm
     out = trainer.evaluate()
     assert grad_modes == [False] * 12  # no autograd graph is built for evaluation
     state = trainer.state
-    state.eval_loader.load_state_dict(state.eval_start)
-    sums, counts = [], []
-    for _ in range(cfg.train.eval_batches * state.accum):  # by hand: per micro-batch, per modality
-        batch = next(state.eval_loader)
-        with torch.no_grad():
-            logits = state.model(ModelInputs(batch.tokens, batch.modality, batch.positions,
-                                             batch.attn_mask())).logits
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch.tokens[:, 1:].flatten(),
-                                 reduction="none")
-        target_modality = batch.modality[:, 1:].flatten()
-        sums.append([float(losses[target_modality == m].sum()) for m in range(len(state.names))])
-        counts.append([float((target_modality == m).sum()) for m in range(len(state.names))])
-    sums, counts = np.array(sums), np.array(counts)
+    sums, counts = held_out_losses_by_hand(state, cfg.train.eval_batches)
     assert len(sums) == 12  # 6 eval batches of 4 sequences in micro-batches of 2
     for m, name in enumerate(state.names):
         mean = sums[:, m].sum() / counts[:, m].sum()
@@ -267,6 +273,103 @@ def test_no_standard_error_from_repeated_or_single_micro_batches(shards, tmp_pat
     assert "loss" in out and not any(k == "se" or k.startswith("se/") for k in out)
     if eval_batches > 1:
         assert trainer.state.eval_loader.epoch > 0  # it did run out
+
+
+def test_final_evaluation_reads_more_held_out_batches_that_start_with_the_periodic_ones(shards, tmp_path):
+    cfg = run_config(shards, tmp_path, steps=4, eval_every=2, eval_batches=2, final_eval_batches=5,
+                     micro_batch_size=2)
+    cfg.data.eval_fraction = 0.5  # 6 global batches held out: the final evaluation's 5 do not repeat
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.fit()
+    rows = read_log(result.run_dir / "log.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows if r["kind"] != "train"] == [
+        ("eval", 2), ("eval", 4), ("final_eval", 4)]  # once, after the last step's periodic evaluation
+    last_eval, final = (r for r in rows if r["kind"] != "train" and r["step"] == 4)
+    state = trainer.state
+    sums, counts = held_out_losses_by_hand(state, 5)  # the trained model, as it was at the final evaluation
+    assert len(sums) == 10  # 5 batches of 4 sequences in micro-batches of 2
+    np.testing.assert_allclose(final["micro_batches"]["sums"], sums, rtol=1e-5)
+    assert final["micro_batches"]["counts"] == counts.tolist()
+    for m, name in enumerate(state.names):
+        assert final[f"loss/{name}"] == pytest.approx(sums[:, m].sum() / counts[:, m].sum(), rel=1e-5)
+        assert final[f"tokens/{name}"] == counts[:, m].sum()
+    # the periodic evaluation's micro-batches come first: the larger set holds the smaller one
+    assert final["micro_batches"]["counts"][:4] == last_eval["micro_batches"]["counts"]
+    np.testing.assert_allclose(final["micro_batches"]["sums"][:4], last_eval["micro_batches"]["sums"], rtol=1e-6)
+    assert sum(final[f"tokens/{n}"] for n in state.names) > sum(last_eval[f"tokens/{n}"] for n in state.names)
+    assert final["se"] > 0 and (final["flops"], final["tokens"]) == (last_eval["flops"], last_eval["tokens"])
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["final_eval"] == {k: v for k, v in final.items() if k.split("/")[0] in ("loss", "se")}
+    assert summary["eval"]["loss"] == last_eval["loss"]
+    log = (result.run_dir / "log.jsonl").read_text()
+    again = train(cfg, resume=True, progress=False)  # a finished run resumed: nothing is evaluated again
+    assert again.losses == [] and (result.run_dir / "log.jsonl").read_text() == log
+    assert json.loads((result.run_dir / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("cut", ["signal", "until"])
+def test_no_final_evaluation_before_the_last_step(shards, tmp_path, monkeypatch, cut):
+    """A run stopped by a signal, or fitted up to a step short of train.steps, has no final evaluation; resumed
+    to the end it has one."""
+    from mot.train import loop
+
+    cfg = run_config(shards, tmp_path, steps=6, eval_every=3, checkpoint_every=3, final_eval_batches=3)
+    cfg.data.eval_fraction = 0.5
+    if cut == "signal":
+        real_update = loop.update
+
+        def signalled(state, log):
+            out = real_update(state, log)
+            if state.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+
+        monkeypatch.setattr(loop, "update", signalled)
+        with pytest.raises(TrainingStopped, match="after step 3 of 6"):
+            train(cfg, progress=False)
+        monkeypatch.setattr(loop, "update", real_update)
+    else:
+        Trainer(cfg, progress=False).fit(until=3)
+    run_dir = tmp_path / "tiny"
+    assert not [r for r in read_log(run_dir / "log.jsonl") if r["kind"] == "final_eval"]
+    if cut == "signal":
+        assert "final_eval" not in json.loads((run_dir / "summary.json").read_text())
+    rest = train(cfg, resume=True, progress=False)
+    assert [r["step"] for r in read_log(run_dir / "log.jsonl") if r["kind"] == "final_eval"] == [6]
+    assert json.loads((run_dir / "summary.json").read_text())["final_eval"] == rest.final_eval
+
+
+def test_the_train_command_shows_the_final_evaluation_with_its_standard_errors(shards, tmp_path, capsys,
+                                                                              monkeypatch):
+    from mot.cli import main
+
+    monkeypatch.setenv("COLUMNS", "220")  # rich's table at full width
+    cfg = run_config(shards, tmp_path / "runs", steps=2, eval_every=0, final_eval_batches=3)
+    cfg.data.eval_fraction = 0.5
+    write_recipe(tmp_path / "tiny.toml", cfg)
+    assert main(["train", str(tmp_path / "tiny.toml")]) == 0
+    out = capsys.readouterr().out
+    (final,) = (r for r in read_log(tmp_path / "runs" / "tiny" / "log.jsonl") if r["kind"] == "final_eval")
+    assert "final eval loss +- se (3 batches)" in out
+    assert f"{final['loss/image']:.4f} +- {final['se/image']:.4f}" in out
+
+
+def test_a_final_evaluation_past_the_held_out_set_is_refused_before_any_step(shards, tmp_path):
+    from mot.config import ConfigError
+    from mot.data.loader import ShardedCorpus, held_out
+
+    cfg = run_config(shards, tmp_path, steps=2, eval_every=0, eval_batches=1, final_eval_batches=4,
+                     micro_batch_size=2)
+    cfg.data.eval_fraction = 0.3
+    corpus = ShardedCorpus(shards)  # by hand: the held-out documents' tokens over a global batch's
+    held = int(corpus.lengths[held_out(corpus.ids, 0.3)].sum()) // (4 * 32)
+    assert 1 < held < 4  # the periodic evaluation fits, the final one does not
+    with pytest.raises(ConfigError, match=rf"final_eval_batches \(4\) asks for more .* holds \({held} of"):
+        train(cfg, progress=False)
+    assert not list(tmp_path.rglob("log.jsonl"))  # refused before the first step
+    cfg.data.eval_fraction = 0.0  # the recipe's checks
+    with pytest.raises(ConfigError, match="needs a held-out set: data.eval_fraction is 0"):
+        config_from_dict(config_to_dict(cfg))
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -494,6 +597,7 @@ def test_logs_tensorboard_plot_and_summary(shards, tmp_path):
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["step"] == 8 and summary["eval"]["loss/image"] == result.eval_loss["loss/image"]
+    assert "final_eval" not in summary and not [r for r in rows if r["kind"] == "final_eval"]  # batches 0: none
 
 
 def test_train_command_prepares_the_demo_corpus_and_trains(tmp_path, monkeypatch):

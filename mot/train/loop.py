@@ -7,6 +7,11 @@ SIGINT or SIGTERM (`timeout -s INT`, a job scheduler's notice) stops the loop af
 checkpoint and the summary written, then raises `TrainingStopped`: `mot train --resume` continues on the same
 curve. A second signal stops at once. With several processes they agree at the next log step.
 
+At the last step, train.final_eval_batches > 0 adds a larger evaluation after the periodic one: a "final_eval"
+row (the fields of an "eval" row, over more held-out batches that start with the periodic ones), for final
+losses with smaller standard errors. A stop by a signal is not the last step, and a finished run resumed does
+not evaluate again.
+
 A log row (log.jsonl, TensorBoard) averages the steps since the last one: weighted and per-modality loss,
 learning rate, gradient norm, tokens/s, step time, MFU on a GPU (the steps' FLOPs with attention under each
 batch's document mask; `mfu_full_causal` counts attention over the whole row) and the run's counters.
@@ -29,7 +34,7 @@ from mot.train.errors import TrainingStopped
 from mot.train.metrics_log import MetricsLog, plot_loss_curves
 from mot.train.state import TrainState
 from mot.train.state_io import save_state
-from mot.train.step import evaluate, per_modality, update
+from mot.train.step import evaluate, held_out_batches, held_out_repeated, per_modality, update
 
 
 @dataclass
@@ -38,6 +43,7 @@ class TrainResult:
     step: int
     train_loss: dict[str, float]  # last logged window, per modality (and "loss", the weighted total)
     eval_loss: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)  # losses and se's of the final_eval row, if any
     checkpoint: Path | None = None
     plot: Path | None = None
     losses: list[float] = field(default_factory=list)  # weighted loss of every step this process ran
@@ -134,6 +140,22 @@ class StopSignal:
                                "Continue with --resume.")
 
 
+def final_evaluation(state: TrainState, log: MetricsLog | None) -> dict[str, float]:
+    """The larger evaluation of the last step (train.final_eval_batches), logged as a "final_eval" row; its
+    losses and standard errors, for the summary. Every process evaluates; the main one logs."""
+    asked = state.cfg.train.final_eval_batches
+    evaluation = evaluate(state, asked)
+    if held_out_repeated(state) and state.accelerator.is_main_process:
+        tqdm.write(f"mot: warning: the held-out set holds {held_out_batches(state)} global batches "
+                   f"(train.batch_size x train.seq_len tokens each) but train.final_eval_batches asks for {asked}: "
+                   "its batches repeat, so the final_eval row has no standard errors. Raise data.eval_fraction "
+                   "or lower train.final_eval_batches.")
+    if log is None or not evaluation:
+        return {}
+    log.write("final_eval", state.step, {**evaluation, **counters(state)})
+    return {k: v for k, v in evaluation.items() if k.startswith(("loss", "se"))}
+
+
 def should_stop(state: TrainState, stop: StopSignal, at_log_step: bool) -> bool:
     """One process: as soon as a signal came. Several: at log steps, if any process got one (a collective, so
     every process stops after the same step)."""
@@ -194,6 +216,8 @@ def _fit(state: TrainState, until: int | None, progress: bool, stop: StopSignal)
                     log.write("eval", state.step, {**evaluation, **counters(state)})
                     result.eval_loss = {k: v for k, v in evaluation.items() if k.startswith("loss")}
                     plot_loss_curves(log.path, state.run_dir / "loss_curves.png", state.cfg.name)
+            if final and state.step == t.steps and t.final_eval_batches:  # not at a fit(until=...) short of it
+                result.final_eval = final_evaluation(state, log)
             if final or stopping or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
                 result.checkpoint = save_state(state)
             if stopping:
@@ -210,6 +234,8 @@ def _fit(state: TrainState, until: int | None, progress: bool, stop: StopSignal)
         summary = {"step": state.step, "steps": t.steps, "train": result.train_loss, "eval": result.eval_loss,
                    "skipped_steps": state.skipped, **counters(state),
                    "checkpoint": str(result.checkpoint), "plot": str(result.plot)}
+        if result.final_eval:
+            summary["final_eval"] = result.final_eval
         (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     result.step, result.skipped_steps = state.step, state.skipped
     return result

@@ -1,6 +1,7 @@
 """Where training metrics go: a JSONL log (the record), TensorBoard event files, and a PNG of the curves.
 
-Each JSONL row is one event: {"kind": "train"|"eval", "step": ..., "loss": ..., "loss/text": ..., ...}.
+Each JSONL row is one event: {"kind": "train"|"eval"|"final_eval", "step": ..., "loss": ..., "loss/text": ...,
+...} ("final_eval": the larger evaluation of the last step, train.final_eval_batches).
 `mot compare` and the plot read this file; nothing needs recomputing after the run.
 """
 

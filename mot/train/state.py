@@ -188,6 +188,21 @@ def _write_run_files(cfg: RunConfig, run_dir: Path, fresh: bool) -> None:
         shutil.copytree(source, target)
 
 
+
+def check_held_out_size(cfg: RunConfig, eval_loader, where: str) -> None:
+    """Before any step: the final evaluation must fit in the held-out set (else its batches would repeat and
+    its standard errors be void, found out only at the end of the run)."""
+    t = cfg.train
+    if not t.final_eval_batches or eval_loader is None:
+        return
+    held = eval_loader.tokens_per_epoch // (t.batch_size * t.seq_len)
+    if t.final_eval_batches > held:
+        raise ConfigError(f"{where}: train.final_eval_batches ({t.final_eval_batches}) asks for more global batches "
+                          f"than the held-out set holds ({held} of train.batch_size x train.seq_len tokens, "
+                          f"data.eval_fraction = {cfg.data.eval_fraction}); raise data.eval_fraction or lower "
+                          "train.final_eval_batches")
+
+
 def build_state(cfg: RunConfig, where: str = "recipe", resume: str | bool | None = None, overwrite: bool = False,
                 init_from: str | None = None) -> tuple[TrainState, Path | None]:
     """The run's state before its first step, and the checkpoint to resume from (loaded by the caller through
@@ -241,6 +256,7 @@ def build_state(cfg: RunConfig, where: str = "recipe", resume: str | bool | None
     model, optimizer = acc.prepare(model, optimizer)
 
     train_loader, eval_loader = build_loaders(cfg, shards, vocab, micro, acc.process_index, acc.num_processes)
+    check_held_out_size(cfg, eval_loader, where)
     train_batches = RankSlice(train_loader, acc.process_index, acc.num_processes)
     if cfg.train.cuda_graph:  # the host idles during a replay: pack the next batches then
         train_batches = Prefetched(train_batches)

@@ -3,6 +3,7 @@
     update(state)          # train_step (accum micro-batches, forward and backward), then the AdamW step unless
                            # the losses or gradient norm are not finite (train.on_nonfinite), then the schedule
     evaluate(state)        # the held-out loss per modality, the same batches every time
+    evaluate(state, n)     # over the first n global batches of that stream (the final, larger evaluation)
 
 The loss that is back-propagated is the objective's (mot/objectives/training.py); DDP/FSDP's gradient averaging
 makes it the mean over all processes.
@@ -155,9 +156,25 @@ def update(state: TrainState, log: MetricsLog | None = None) -> Update:
     return Update(loss_sum, count, weighted, grad_norm, lr, applied=problem is None)
 
 
+def held_out_batches(state: TrainState) -> int:
+    """Whole global batches (train.batch_size sequences) the held-out set holds before an evaluation would
+    read it again; 0 without one."""
+    if state.eval_loader is None:
+        return 0
+    t = state.cfg.train
+    return state.eval_loader.tokens_per_epoch // (t.batch_size * t.seq_len)
+
+
+def held_out_repeated(state: TrainState) -> bool:
+    """Whether the last evaluation ran past the end of the held-out set (the loader started it again)."""
+    return state.eval_loader is not None and state.eval_loader.epoch != state.eval_start["epoch"]
+
+
 @torch.no_grad()
-def evaluate(state: TrainState) -> dict[str, float]:
-    """Loss, per-modality loss and perplexity, and token counts over the held-out batches ({} if none).
+def evaluate(state: TrainState, batches: int | None = None) -> dict[str, float]:
+    """Loss, per-modality loss and perplexity, and token counts over the first `batches` global batches of the
+    held-out stream (default train.eval_batches; {} without a held-out set or batches). Every evaluation starts
+    at the stream's start, so a larger one reads the smaller one's batches first.
 
     `se` and `se/NAME`: the standard errors of those losses with the micro-batches as clusters
     (`mot.stats.ratio_standard_error`): the spread of the loss over held-out sets of this size (two such sets
@@ -165,16 +182,16 @@ def evaluate(state: TrainState) -> dict[str, float]:
     neighbouring documents are alike this underestimates it. `micro_batches`: their per-modality sums and
     counts, for a paired comparison with another run (`mot compare`). Left out with fewer than 2
     micro-batches, and when the held-out set ran out and its batches repeat (the loader started it again)."""
-    if state.eval_loader is None:
+    batches = state.cfg.train.eval_batches if batches is None else batches
+    if state.eval_loader is None or batches == 0:
         return {}
     acc, n = state.accelerator, len(state.names)
     state.eval_loader.load_state_dict(state.eval_start)  # the same held-out batches every time
-    first_epoch = state.eval_loader.epoch
-    batches = RankSlice(state.eval_loader, acc.process_index, acc.num_processes)
+    rows = RankSlice(state.eval_loader, acc.process_index, acc.num_processes)
     per_batch = []
     state.model.eval()
-    for _ in range(state.cfg.train.eval_batches * state.accum):  # the same sequences on any device count
-        s, c = micro_batch_losses(state, device_batch(state, next(batches)))
+    for _ in range(batches * state.accum):  # the same sequences on any device count
+        s, c = micro_batch_losses(state, device_batch(state, next(rows)))
         per_batch.append(torch.cat([s.detach().float(), c.float()]))
     state.model.train()
     per_batch = acc.gather(torch.stack(per_batch)).cpu().double()  # (micro-batches of every process, 2n)
@@ -182,7 +199,7 @@ def evaluate(state: TrainState) -> dict[str, float]:
     loss_sum, count = sums.sum(0), counts.sum(0)
     out = {"loss": state.objective.weighted(loss_sum, count)}
     out.update(per_modality(state.names, loss_sum, count))
-    if len(per_batch) >= 2 and state.eval_loader.epoch == first_epoch:  # distinct micro-batches
+    if len(per_batch) >= 2 and not held_out_repeated(state):  # distinct micro-batches
         if state.objective.weighted_is_a_ratio:
             weights = state.objective.loss_weights.cpu().double()
             out["se"] = ratio_standard_error((sums * weights).sum(1).tolist(), counts.sum(1).tolist())

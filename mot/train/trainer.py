@@ -35,8 +35,9 @@ class Trainer:
         """One optimizer step, as `fit` takes it (bench/step.py times this)."""
         return step.update(self.state, log)
 
-    def evaluate(self) -> dict[str, float]:
-        return step.evaluate(self.state)
+    def evaluate(self, batches: int | None = None) -> dict[str, float]:
+        """The held-out losses over `batches` global batches (default train.eval_batches)."""
+        return step.evaluate(self.state, batches)
 
     def save(self) -> Path | None:
         return state_io.save_state(self.state)

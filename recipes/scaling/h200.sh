@@ -6,27 +6,36 @@
 #   bash recipes/scaling/h200.sh train 0 1 2        # dense and MoT per seed (resumes; SIGINT checkpoints)
 #   TRAIN_ARGS="--name=scenes_10m_lr1e-3 --train.lr=1e-3" bash recipes/scaling/h200.sh train 0   # a sweep point
 #   bash recipes/scaling/h200.sh compare 0 1 2      # the report over the finished runs
-#   bash recipes/scaling/h200.sh collect DIR[.tgz]  # logs, summaries, plots and the report into DIR (or one tarball)
+#   bash recipes/scaling/h200.sh collect DIR[.tgz]  # every run's logs, summaries, reports into DIR (or a tarball)
+#   bash recipes/scaling/h200.sh gpu-tests LOG      # the GPU suite a module at a time, each module's report kept
 #
-# The device returns at most 8 files and drops the machine (and its disk) 30 s after a call ends: `train` ends
-# by writing $OUT/scaling_runs.tgz whatever happened, and the next call has to be issued at once.
+# The device returns at most 8 files and drops the machine (and its disk) 30 s after a call ends: `train` with
+# OUT set ends by writing $OUT/scaling_runs.tgz whatever happened, and the next call has to be issued at once.
 #
-# Knobs (environment): RECIPE (recipes/scaling/scenes_10m.toml), SAMPLES (1050000), DATA_S and TRAIN_S (the
-# phase's time limit in seconds: past it the phase stops cleanly, to be continued by the next call),
-# PREPARE_PROCS (2 prepare processes sharing DEVICE, cuda:0) and WORKERS (7 decode workers each), TRAIN_ARGS
-# (recipe overrides, e.g. "--train.steps=4" for a try on the CPU). The icon theme comes as
-# data/debs/oxygen-icon-theme_*.deb (docs/results/scaling/README.md says how to fetch it; carry data/debs).
+# Knobs (environment):
+#   RECIPE         recipes/scaling/scenes_10m.toml; scenes_4m.toml reads the same shards
+#   NAME           the runs' name for compare (the recipe's; a sweep point's --name)
+#   SAMPLES        1050000 samples to prepare
+#   DATA_S         the data phase's time limit in seconds (past it, it stops; the next call resumes)
+#   TRAIN_S        the train phase's time limit (SIGINT then: a checkpoint, resumed by the next call)
+#   UNTIL          instead of TRAIN_S, the epoch second a train or gpu-tests phase must end by
+#   MODULE_S       gpu-tests: the limit per test module (240)
+#   PREPARE_PROCS  2 prepare processes sharing DEVICE (cuda:0), with WORKERS (7) decode workers each
+#   TRAIN_ARGS     recipe overrides, e.g. "--train.steps=4" for a try on the CPU
+#   OUT            train: where to leave scaling_runs.tgz
+# The icon theme comes as data/debs/oxygen-icon-theme_*.deb (docs/results/scaling/README.md says how to fetch
+# it; carry data/debs).
 set -euo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/../.."
 RECIPE=${RECIPE:-recipes/scaling/scenes_10m.toml}
-NAME=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")
+NAME=${NAME:-$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")}
 SAMPLES=${SAMPLES:-1050000}
 ICONS=data/icons/usr/share/icons/oxygen/base
 TOK=data/scaling/tok
 SHARDS=data/scaling/scenes
 MOT=(python3 -m mot.cli)
-phase=${1:?phase: data, train, compare or collect}
+phase=${1:?phase: data, train, compare, collect or gpu-tests}
 shift
 
 case "$phase" in
@@ -47,17 +56,22 @@ data)
 train)
   # SIGINT at TRAIN_S checkpoints the run in flight (timeout then exits 124); SIGKILL 60 s later if it hangs
   read -ra extra <<< "${TRAIN_ARGS:-}"
+  limit=${TRAIN_S:-$([ -n "${UNTIL:-}" ] && echo $(( UNTIL - $(date +%s) )) || echo 520)}
   rc=0
-  timeout -s INT -k 60 "${TRAIN_S:-520}" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume \
-    "${extra[@]}" || rc=$?
+  if [ "$limit" -lt 30 ]; then
+    echo "train: ${limit}s left, not started" >&2
+    rc=124
+  else
+    timeout -s INT -k 60 "$limit" "${MOT[@]}" compare --recipe "$RECIPE" --seeds "$@" --resume \
+      "${extra[@]}" || rc=$?
+  fi
   if [ -n "${OUT:-}" ]; then bash "$SELF" collect "$OUT/scaling_runs.tgz" || echo "collect failed" >&2; fi
   exit $rc
   ;;
 compare)
   folders=()
   for seed in "$@"; do
-    suffix=$([ $# -gt 1 ] && echo "-s$seed" || true)
-    for run in "runs/$NAME-dense$suffix" "runs/$NAME-mot$suffix"; do
+    for run in "runs/$NAME-dense-s$seed" "runs/$NAME-mot-s$seed"; do
       if python3 -c "import json, sys; s = json.load(open(sys.argv[1])); sys.exit(s.get('step') != s.get('steps'))" \
           "$run/summary.json" 2>/dev/null; then
         folders+=("$run")
@@ -78,10 +92,11 @@ collect)
     exit 0
   fi
   mkdir -p "$out"
-  for run in runs/"$NAME"*; do  # NAME-dense..., NAME-compare, and sweep points such as NAME_lr1e-3-mot
+  for run in runs/*; do  # every recipe's runs, compare reports and sweep points (the machine starts empty)
     [ -d "$run" ] || continue
     mkdir -p "$out/$(basename "$run")"
-    for f in log.jsonl summary.json config.json loss_curves.png compare.png compare.md compare.json; do
+    for f in log.jsonl summary.json config.json loss_curves.png compare.png compare_differences.png compare.md \
+        compare.json; do
       if [ -f "$run/$f" ]; then cp "$run/$f" "$out/$(basename "$run")/"; fi
     done
     # the latest checkpoint's meta: the loader's epoch and cursor show how much of the corpus was read
@@ -93,8 +108,18 @@ collect)
     if [ -f "$SHARDS/$f" ]; then cp "$SHARDS/$f" "$out/shards_$f"; fi
   done
   ;;
+gpu-tests)
+  log=${1:?gpu-tests LOG}
+  for module in tests/gpu/test_*.py; do
+    limit=${MODULE_S:-240}
+    if [ -n "${UNTIL:-}" ] && [ $(( UNTIL - $(date +%s) )) -lt "$limit" ]; then limit=$(( UNTIL - $(date +%s) )); fi
+    if [ "$limit" -lt 20 ]; then echo "== $module: not run, past UNTIL" >> "$log"; continue; fi
+    echo "== $module" >> "$log"
+    timeout "$limit" python3 -m pytest -m gpu -s -q -rfE "$module" >> "$log" 2>&1 || echo "== $module: rc $?" >> "$log"
+  done
+  ;;
 *)
-  echo "unknown phase $phase: data, train, compare or collect" >&2
+  echo "unknown phase $phase: data, train, compare, collect or gpu-tests" >&2
   exit 2
   ;;
 esac

@@ -34,3 +34,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "tests/gpu/" in r.nodeid]
     if skipped and not CUDA:
         terminalreporter.write_line(f"tests/gpu: {len(skipped)} GPU tests skipped: {REASON}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches():
+    """Each module starts with empty torch.compile caches, so none depends on what earlier ones compiled: past
+    dynamo's limit of variants `masks.flex` would fall back to eager flex_attention, which ignores a BlockMask's
+    tables (docs/results/scaling/README.md, 2026-12-03 fifth session)."""
+    if CUDA:
+        torch._dynamo.reset()
+    yield
