@@ -15,7 +15,8 @@
 # Knobs (environment):
 #   RECIPE         recipes/scaling/scenes_10m.toml; scenes_4m.toml reads the same shards
 #   NAME           the runs' name for compare (the recipe's; a sweep point's --name)
-#   SAMPLES        1050000 samples to prepare
+#   SAMPLES        1050000 samples to prepare into the recipe's data.shards
+#   AUDIO_FRACTION 0: the share of samples with speech (0.25 for scenes_speech_4m.toml)
 #   DATA_S         the data phase's time limit in seconds (past it, it stops; the next call resumes)
 #   TRAIN_S        the train phase's time limit (SIGINT then: a checkpoint, resumed by the next call)
 #   UNTIL          instead of TRAIN_S, the epoch second a train or gpu-tests phase must end by
@@ -31,9 +32,10 @@ cd "$(dirname "$SELF")/../.."
 RECIPE=${RECIPE:-recipes/scaling/scenes_10m.toml}
 NAME=${NAME:-$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")}
 SAMPLES=${SAMPLES:-1050000}
+AUDIO_FRACTION=${AUDIO_FRACTION:-0}
 ICONS=data/icons/usr/share/icons/oxygen/base
 TOK=data/scaling/tok
-SHARDS=data/scaling/scenes
+SHARDS=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['data']['shards'])" "$RECIPE")
 MOT=(python3 -m mot.cli)
 phase=${1:?phase: data, train, compare, collect or gpu-tests}
 shift
@@ -49,9 +51,10 @@ data)
       --config tokenizers/text_demo.toml --out "$TOK/text"
     cp -r tokenizers/demo/image "$TOK/"
   fi
+  if [ ! -d "$TOK/speech" ]; then cp -r tokenizers/demo/speech "$TOK/"; fi
   timeout -s INT "${DATA_S:-540}" python3 -m torch.distributed.run --standalone --nproc-per-node "${PREPARE_PROCS:-2}" -m mot.cli prepare \
     --recipe "$RECIPE" --tokenizers "$TOK" --out "$SHARDS" --device "${DEVICE:-cuda:0}" --workers "${WORKERS:-7}" \
-    --data "synthetic:scenes?samples=$SAMPLES&seed=0&audio_fraction=0&icon_dir=$ICONS"
+    --data "synthetic:scenes?samples=$SAMPLES&seed=0&audio_fraction=$AUDIO_FRACTION&icon_dir=$ICONS"
   ;;
 train)
   # SIGINT at TRAIN_S checkpoints the run in flight (timeout then exits 124); SIGKILL 60 s later if it hangs
