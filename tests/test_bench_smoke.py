@@ -63,6 +63,28 @@ def test_routing_smoke_checks_and_times_every_routing(tmp_path):
     assert "3 new modality layouts -> 0 new graph(s) compiled" in grouped
 
 
+def test_determinism_smoke_repeats_both_variants_bit_for_bit(tmp_path):
+    out = smoke("determinism.py", tmp_path)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"^(dense|mot) +default ", line)}
+    assert set(rows) == {"dense", "mot"}
+    assert all(row[2] == "True" and row[3] == "-" for row in rows.values())  # the CPU's eager fp32 is deterministic
+
+
+def test_determinism_report_finds_where_repeats_part():
+    """compare_repeats against numbers worked out by hand: the first differing step (1-based) of each repeat,
+    the largest loss and weight differences over the repeats."""
+    compare_repeats = load_bench("determinism").compare_repeats
+    w = {"a": torch.zeros(3), "b": torch.ones(2)}
+    record = lambda losses, weights: {"losses": losses, "seconds": [0.01] * 4, "warnings": [], "weights": weights}
+    first = record([3.0, 2.0, 1.5, 1.25], w)
+    same = record([3.0, 2.0, 1.5, 1.25], {k: v.clone() for k, v in w.items()})
+    parts = record([3.0, 2.0, 1.5 + 2**-20, 1.0], {"a": torch.tensor([0.0, -0.5, 0.0]), "b": torch.ones(2)})
+    report = compare_repeats([first, same, parts])
+    assert report["first_parting_step"] == [None, 3] and not report["identical"]
+    assert report["max_loss_difference"] == 0.25 and report["max_weight_difference"] == 0.5
+    assert compare_repeats([first, same])["identical"]
+
+
 def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
