@@ -17,6 +17,8 @@
 #   NAME           the runs' name for compare (the recipe's; a sweep point's --name)
 #   SAMPLES        1050000 samples to prepare into the recipe's data.shards
 #   AUDIO_FRACTION 0: the share of samples with speech (0.25 for scenes_speech_4m.toml)
+#   IMAGE_TOKENIZER tokenizers/demo/image (the 10M runs so far); tokenizers/scenes/image keeps far more of
+#                  this corpus (docs/results/scaling/README.md, "The image codes")
 #   DATA_S         the data phase's time limit in seconds (past it, it stops; the next call resumes)
 #   TRAIN_S        the train phase's time limit (SIGINT then: a checkpoint, resumed by the next call)
 #   UNTIL          instead of TRAIN_S, the epoch second a train or gpu-tests phase must end by
@@ -33,6 +35,7 @@ RECIPE=${RECIPE:-recipes/scaling/scenes_10m.toml}
 NAME=${NAME:-$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['name'])" "$RECIPE")}
 SAMPLES=${SAMPLES:-1050000}
 AUDIO_FRACTION=${AUDIO_FRACTION:-0}
+IMAGE_TOKENIZER=${IMAGE_TOKENIZER:-tokenizers/demo/image}
 ICONS=data/icons/usr/share/icons/oxygen/base
 TOK=data/scaling/tok
 SHARDS=$(python3 -c "import tomllib,sys; print(tomllib.load(open(sys.argv[1], 'rb'))['data']['shards'])" "$RECIPE")
@@ -49,7 +52,10 @@ data)
     # the BPE is fit to samples of another seed, which no run trains or evaluates on
     "${MOT[@]}" tokenizer train text --data "synthetic:scenes?samples=4000&seed=99&audio_fraction=0&icon_dir=$ICONS" \
       --config tokenizers/text_demo.toml --out "$TOK/text"
-    cp -r tokenizers/demo/image "$TOK/"
+  fi
+  if [ ! -d "$TOK/image" ]; then  # the VQGAN every image of the session's shards is coded with
+    cp -r "$IMAGE_TOKENIZER" "$TOK/image"
+    echo "$IMAGE_TOKENIZER" > "$TOK/image_source.txt"
   fi
   if [ ! -d "$TOK/speech" ]; then cp -r tokenizers/demo/speech "$TOK/"; fi
   timeout -s INT "${DATA_S:-540}" python3 -m torch.distributed.run --standalone --nproc-per-node "${PREPARE_PROCS:-2}" -m mot.cli prepare \
@@ -110,6 +116,7 @@ collect)
   for f in manifest.json prepare.json skipped.json; do
     if [ -f "$SHARDS/$f" ]; then cp "$SHARDS/$f" "$out/shards_$f"; fi
   done
+  if [ -f "$TOK/image_source.txt" ]; then cp "$TOK/image_source.txt" "$out/"; fi
   ;;
 gpu-tests)
   log=${1:?gpu-tests LOG}
